@@ -453,7 +453,8 @@ async function handleConnection(
       }
       const keepAlive = reply.status < 400 && !server.closing &&
         shouldKeepAlive(request);
-      const headOnly = request.method === "HEAD";
+      // A request that failed to parse is no HEAD request we can trust.
+      const headOnly = consumed > 0 && request.method === "HEAD";
       queue(
         connection,
         responseBytes(server, reply, headOnly, keepAlive, request.minor),
@@ -761,7 +762,7 @@ export class Request {
   /** The minor version: 0 for HTTP/1.0, 1 for HTTP/1.1 (and later 1.x). */
   minor = 1;
   /** The Content-Length, or -1 when there is none. */
-  contentLength = -1;
+  contentLength: number = -1;
   /** Transfer-Encoding was given. */
   transferEncoding = false;
   /** Transfer-Encoding ends in chunked. */

@@ -916,3 +916,323 @@ Deno.test("serve() closes connections still busy at the shutdown timeout", async
     client.close();
   }
 });
+
+// ---------------------------------------------------------------------------
+// Slow clients, limits and the connection cap
+// ---------------------------------------------------------------------------
+
+const delay = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Reads until the server closes; returns what arrived and when, in ms. */
+async function readUntilClosed(
+  conn: Deno.Conn,
+  since: number,
+): Promise<{ text: string; after: number }> {
+  const chunks: string[] = [];
+  const buffer = new Uint8Array(4096);
+  try {
+    let count: number | null;
+    while ((count = await conn.read(buffer)) !== null) {
+      chunks.push(decoder.decode(buffer.subarray(0, count)));
+    }
+  } catch { /* a reset ends it too */ }
+  return { text: chunks.join(""), after: performance.now() - since };
+}
+
+Deno.test("serve() cuts slowloris clients at the header timeout and keeps serving", async () => {
+  await withServer({ headerTimeout: 1 }, async (server) => {
+    const began = performance.now();
+    const attackers = await Promise.all(
+      Array.from(
+        { length: 200 },
+        () => Deno.connect({ port: server.addr.port }),
+      ),
+    );
+    const cut = attackers.map((conn) => readUntilClosed(conn, began));
+    // Dribble one byte at a time: the clock must not restart with each.
+    const dribble = (async () => {
+      const head = latin1("GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+      for (let i = 0; i < 30; i++) {
+        await Promise.all(
+          attackers.map((conn) =>
+            conn.write(head.subarray(i % head.length, i % head.length + 1))
+              .catch(() => 0)
+          ),
+        );
+        await delay(100);
+      }
+    })();
+    // Ordinary requests on fresh connections are answered throughout.
+    for (let i = 0; i < 10; i++) {
+      const reply = await ask(server, GET);
+      assert.equal(reply?.status, 200);
+      await delay(150);
+    }
+    const results = await Promise.all(cut);
+    await dribble;
+    for (const { text, after } of results) {
+      assert.match(text, /^HTTP\/1\.1 408 Request Timeout\r\n/);
+      assert.match(text, /\r\nConnection: close\r\n/);
+      assert.ok(after >= 900, `cut after ${after} ms, not before the timeout`);
+      assert.ok(after < 4000, `cut after ${after} ms, near the 1 s timeout`);
+    }
+    for (const conn of attackers) conn.close();
+  });
+});
+
+Deno.test("serve() closes a silent new connection at the header timeout", async () => {
+  await withServer({ headerTimeout: 0.5 }, async (server) => {
+    const conn = await Deno.connect({ port: server.addr.port });
+    const { text, after } = await readUntilClosed(conn, performance.now());
+    conn.close();
+    assert.equal(text, "", "nothing was asked, so nothing is answered");
+    assert.ok(after >= 400 && after < 3000, `closed after ${after} ms`);
+  });
+});
+
+Deno.test("serve() closes idle keep-alive connections, not busy ones", async () => {
+  await withServer({ idleTimeout: 0.5, sleepDelay: 1.5 }, async (server) => {
+    const idle = await Client.open(server);
+    const busy = await Client.open(server);
+    try {
+      await idle.send(GET);
+      const reply = await idle.response();
+      assert.equal(reply?.headers.get("keep-alive"), "timeout=0");
+      const began = performance.now();
+      await busy.send("GET /sleep HTTP/1.1\r\nHost: x\r\n\r\n");
+      assert.ok(await idle.closedByServer());
+      const after = performance.now() - began;
+      assert.ok(after >= 400 && after < 3000, `closed after ${after} ms`);
+      // The sleeper outlives the idle timeout three times over.
+      assert.equal((await busy.response())?.status, 200);
+    } finally {
+      idle.close();
+      busy.close();
+    }
+  });
+});
+
+Deno.test("serve() answers 408 to a body that stalls", async () => {
+  await withServer({ bodyTimeout: 0.5 }, async (server) => {
+    const conn = await Deno.connect({ port: server.addr.port });
+    await conn.write(
+      latin1("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"),
+    );
+    const began = performance.now();
+    const { text, after } = await readUntilClosed(conn, began);
+    conn.close();
+    assert.match(text, /^HTTP\/1\.1 408 /);
+    assert.ok(after >= 400 && after < 3000, `cut after ${after} ms`);
+  });
+});
+
+Deno.test("serve() cuts a client that stops reading its responses", async () => {
+  await withServer({ bodyTimeout: 0.5 }, async (server) => {
+    const conn = await Deno.connect({ port: server.addr.port });
+    // Pipeline requests without ever reading: once the socket buffers are
+    // full the server stops reading (backpressure), then cuts the stalled
+    // writer, and our writes fail. Bounded: at most 20 s of writing.
+    const batch = latin1(GET.repeat(1000));
+    const began = performance.now();
+    let failed = false;
+    while (performance.now() - began < 20_000) {
+      try {
+        await conn.write(batch);
+      } catch {
+        failed = true;
+        break;
+      }
+    }
+    conn.close();
+    assert.ok(failed, "the server ended the connection");
+    assert.equal(server.connections, 0);
+  });
+});
+
+Deno.test("serve() never holds more than maxConnections at once", async () => {
+  await withServer(
+    { maxConnections: 50, sleepDelay: 0.2 },
+    async (server) => {
+      let most = 0;
+      const watching = setInterval(() => {
+        most = Math.max(most, server.connections);
+      }, 5);
+      try {
+        const replies = await Promise.all(
+          Array.from({ length: 200 }, () =>
+            ask(
+              server,
+              "GET /sleep HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )),
+        );
+        assert.equal(
+          replies.filter((reply) => reply?.status === 200).length,
+          200,
+        );
+      } finally {
+        clearInterval(watching);
+      }
+      assert.ok(most <= 50, `at most 50 at once, saw ${most}`);
+      assert.ok(most >= 40, `the cap was reached (${most})`);
+    },
+  );
+});
+
+// ---------------------------------------------------------------------------
+// Fuzzing: mutated requests never crash, desynchronise or 500 the server
+// ---------------------------------------------------------------------------
+
+/** A small seeded generator (mulberry32), so a failure can be replayed. */
+function random(seed: number): () => number {
+  return () => {
+    seed = (seed + 0x6d2b79f5) | 0;
+    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+const SEEDS = [
+  GET,
+  post("/echo", "hello fuzz"),
+  "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" +
+  "5;ext=1\r\nhello\r\n3\r\nabc\r\n0\r\nTrailer: t\r\n\r\n",
+  "HEAD /sleep?x=1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+  "GET http://example.com/nope HTTP/1.1\r\nHost: example.com\r\n" +
+  "Expect: 100-continue\r\nContent-Length: 3\r\n\r\nabc",
+];
+
+function mutate(next: () => number): Uint8Array {
+  const pick = <T>(items: T[]) => items[Math.floor(next() * items.length)];
+  let bytes = [...latin1(pick(SEEDS))];
+  const rounds = 1 + Math.floor(next() * 4);
+  for (let round = 0; round < rounds; round++) {
+    const at = Math.floor(next() * bytes.length);
+    switch (
+      pick(["flip", "insert", "delete", "truncate", "duplicate", "splice"])
+    ) {
+      case "flip":
+        bytes[at] ^= 1 << Math.floor(next() * 8);
+        break;
+      case "insert":
+        bytes.splice(
+          at,
+          0,
+          pick([0, 9, 10, 13, 32, 44, 58, 59, 0x7f, 0xff, 48]),
+        );
+        break;
+      case "delete":
+        bytes.splice(at, 1 + Math.floor(next() * 4));
+        break;
+      case "truncate":
+        bytes = bytes.slice(0, at);
+        break;
+      case "duplicate": {
+        const length = Math.floor(next() * 20);
+        bytes.splice(at, 0, ...bytes.slice(at, at + length));
+        break;
+      }
+      case "splice":
+        bytes.splice(
+          at,
+          0,
+          ...latin1(pick(SEEDS)).slice(0, Math.floor(next() * 40)),
+        );
+        break;
+    }
+  }
+  return Uint8Array.from(bytes);
+}
+
+/**
+ * Splits a stream of responses, checking each head's form. A body is skipped
+ * by its Content-Length, unless the input may hold a HEAD request and no
+ * body follows.
+ */
+function responseStatuses(text: string, mayBeHead: boolean): number[] {
+  const statuses: number[] = [];
+  let rest = text;
+  while (rest.length > 0) {
+    const headEnd = rest.indexOf("\r\n\r\n");
+    assert.ok(headEnd > 0, `a complete head: ${JSON.stringify(rest)}`);
+    const [line, ...fields] = rest.slice(0, headEnd).split("\r\n");
+    const match = /^HTTP\/1\.1 (\d{3}) [A-Za-z -]+$/.exec(line);
+    assert.ok(match, `a status line: ${JSON.stringify(line)}`);
+    assert.ok(fields.every((field) => /^[A-Za-z-]+: [ -~]*$/.test(field)));
+    const length = Number(
+      /\r\ncontent-length: (\d+)/i.exec(rest.slice(0, headEnd + 2))?.[1] ?? 0,
+    );
+    rest = rest.slice(headEnd + 4);
+    const bodiless = mayBeHead &&
+      (rest.length === 0 || rest.startsWith("HTTP/1.1 "));
+    if (!bodiless) {
+      assert.ok(rest.length >= length, "a complete body");
+      rest = rest.slice(length);
+    }
+    statuses.push(Number(match[1]));
+  }
+  return statuses;
+}
+
+const ALLOWED = new Set([
+  100,
+  200,
+  400,
+  404,
+  405,
+  408,
+  413,
+  414,
+  417,
+  431,
+  501,
+  505,
+]);
+
+Deno.test("serve() answers thousands of mutated requests with valid responses", async () => {
+  const granted =
+    Deno.permissions.querySync({ name: "env", variable: "FUZZ_SEED" })
+      .state === "granted";
+  const seed = Number(
+    (granted && Deno.env.get("FUZZ_SEED")) || Date.now() % 2 ** 31,
+  );
+  console.log(
+    `fuzz seed ${seed} (replay: FUZZ_SEED=${seed} deno test --allow-net --allow-env)`,
+  );
+  const next = random(seed);
+  await withServer(
+    { headerTimeout: 0.5, bodyTimeout: 0.5, sleepDelay: 0.01 },
+    async (server) => {
+      const inputs = Array.from({ length: 3000 }, () => mutate(next));
+      let replies = 0;
+      let index = 0;
+      const worker = async () => {
+        while (index < inputs.length) {
+          const input = inputs[index++];
+          const conn = await Deno.connect({ port: server.addr.port });
+          try {
+            await conn.write(input);
+            // Half-close so that truncated requests end instead of waiting.
+            await conn.closeWrite();
+            const { text } = await readUntilClosed(conn, 0);
+            const mayBeHead = decoder.decode(input).includes("HEAD");
+            for (const status of responseStatuses(text, mayBeHead)) {
+              assert.ok(ALLOWED.has(status), `status ${status}`);
+              replies++;
+            }
+          } catch (error) {
+            throw new Error(
+              `input ${JSON.stringify(decoder.decode(input))}: ${error}`,
+            );
+          } finally {
+            conn.close();
+          }
+        }
+      };
+      await Promise.all(Array.from({ length: 16 }, worker));
+      assert.ok(replies > 1000, `most inputs get a reply (${replies})`);
+      const after = await ask(server, GET);
+      assert.equal(after?.status, 200);
+    },
+  );
+});

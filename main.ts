@@ -1134,18 +1134,21 @@ function parseChunkSize(
     size = size * 16 + HEX[buf[p++]];
     if (size > room) return -413;
   }
-  if (p === end) return p - start > 16 ? -400 : INCOMPLETE;
-  if (p === start) return -400;
-  while (p < end && CHUNK_EXT[buf[p]]) p++;
-  if (p - start > MAX_CHUNK_LINE) return -400;
-  if (p === end || (p + 1 === end && buf[p] === CR)) return INCOMPLETE;
-  if (buf[p] !== CR || buf[p + 1] !== LF) return -400;
-  if (p > start && buf.indexOf(SEMICOLON, start) < 0) {
-    // Anything between the size and CRLF must be an extension.
-    for (let i = start; i < p; i++) if (HEX[buf[i]] < 0) return -400;
+  if (p === start && p < end) return -400;
+  // chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] ): after the size,
+  // only whitespace leading to ";", then anything visible, bounded.
+  let q = p;
+  while (q < end && (buf[q] === SP || buf[q] === HTAB)) q++;
+  if (q < end && buf[q] === SEMICOLON) {
+    while (q < end && CHUNK_EXT[buf[q]]) q++;
+  } else if (q > p && q < end) {
+    return -400;
   }
+  if (q - start > MAX_CHUNK_LINE) return -400;
+  if (q + 1 >= end) return INCOMPLETE;
+  if (buf[q] !== CR || buf[q + 1] !== LF) return -400;
   request.chunkSize = size;
-  return p + 2 - start;
+  return q + 2 - start;
 }
 
 /** RFC 9112 §7.1.2: the trailer section after the last chunk, checked and dropped. */

@@ -245,7 +245,7 @@ Deno.test("serve() decodes a chunked body with extensions and trailers", async (
     const reply = await ask(
       server,
       "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" +
-        "5;name=value\r\nhello\r\n1\r\n \r\nA\r\n0123456789\r\n" +
+        '5;name=value\r\nhello\r\n1 ; a="b c"\r\n \r\nA\r\n0123456789\r\n' +
         "0\r\nX-Trailer: yes\r\n\r\n",
     );
     assert.equal(reply?.status, 200);
@@ -752,6 +752,8 @@ Deno.test("serve() decodes chunked bodies strictly", async () => {
         "-5\r\nhello\r\n0\r\n\r\n",
         "0x5\r\nhello\r\n0\r\n\r\n",
         "5 \r\nhello\r\n0\r\n\r\n",
+        "5 \r\nhel;o\r\n0\r\n\r\n",
+        "5 x;y\r\nhello\r\n0\r\n\r\n",
         "5\r\nhelloX\r\n0\r\n\r\n",
         "5\r\nhello\n0\r\n\r\n",
         "5\nhello\r\n0\r\n\r\n",

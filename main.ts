@@ -613,131 +613,6 @@ function expire(server: ServerState, connection: Connection): void {
 }
 
 // ---------------------------------------------------------------------------
-// Request bodies (RFC 9112 §6): Content-Length or chunked, strict and bounded
-// ---------------------------------------------------------------------------
-
-const EMPTY = new Uint8Array(0);
-
-/** Reads into the buffer while a body is expected; a stall is the ticker's. */
-function fillBody(server: ServerState, connection: Connection) {
-  connection.state = BODY;
-  connection.deadline = server.now + server.limits.bodyTimeout * 1000;
-  return fill(connection, Math.max(BODY_BUFFER, server.limits.maxHead));
-}
-
-/**
- * Reads the body the parsed head announced.
- * @returns the body, an error status, or null if the client went away.
- */
-function readBody(
-  server: ServerState,
-  connection: Connection,
-): Promise<Uint8Array | number | null> {
-  return connection.request.chunked
-    ? readChunked(server, connection)
-    : readFixed(server, connection, connection.request.contentLength);
-}
-
-async function readFixed(
-  server: ServerState,
-  connection: Connection,
-  length: number,
-): Promise<Uint8Array | null> {
-  // Grown as bytes arrive, so a head announcing a large body costs nothing
-  // until the body actually comes.
-  let body = new Uint8Array(Math.min(length, BODY_BUFFER));
-  let received = Math.min(length, connection.end - connection.start);
-  body.set(
-    connection.buffer.subarray(connection.start, connection.start + received),
-  );
-  connection.start += received;
-  while (received < length) {
-    if (received === body.length) {
-      const larger = new Uint8Array(Math.min(length, body.length * 2));
-      larger.set(body);
-      body = larger;
-    }
-    connection.state = BODY;
-    connection.deadline = server.now + server.limits.bodyTimeout * 1000;
-    const count = await connection.stream.read(body.subarray(received));
-    if (count === null || connection.state === LINGER) return null;
-    received += count;
-  }
-  return body;
-}
-
-async function readChunked(
-  server: ServerState,
-  connection: Connection,
-): Promise<Uint8Array | number | null> {
-  const { maxBody } = server.limits;
-  const request = connection.request;
-  let body = new Uint8Array(1024);
-  let length = 0;
-  while (true) {
-    let consumed: number;
-    while (
-      (consumed = parseChunkSize(
-        connection.buffer,
-        connection.start,
-        connection.end,
-        request,
-        maxBody - length,
-      )) === INCOMPLETE
-    ) {
-      if (!await fillBody(server, connection)) return null;
-    }
-    if (consumed < 0) return -consumed;
-    connection.start += consumed;
-    let remaining = request.chunkSize;
-    if (remaining === 0) break;
-    if (length + remaining > body.length) {
-      const larger = new Uint8Array(
-        Math.min(maxBody, Math.max(length + remaining, body.length * 2)),
-      );
-      larger.set(body.subarray(0, length));
-      body = larger;
-    }
-    while (remaining > 0) {
-      if (connection.start === connection.end) {
-        if (!await fillBody(server, connection)) return null;
-      }
-      const take = Math.min(remaining, connection.end - connection.start);
-      body.set(
-        connection.buffer.subarray(connection.start, connection.start + take),
-        length,
-      );
-      length += take;
-      connection.start += take;
-      remaining -= take;
-    }
-    // RFC 9112 §7.1: chunk data is followed by CRLF, nothing else.
-    while (connection.end - connection.start < 2) {
-      if (!await fillBody(server, connection)) return null;
-    }
-    if (
-      connection.buffer[connection.start] !== CR ||
-      connection.buffer[connection.start + 1] !== LF
-    ) return 400;
-    connection.start += 2;
-  }
-  let consumed: number;
-  while (
-    (consumed = parseTrailers(
-      connection.buffer,
-      connection.start,
-      connection.end,
-      server.limits,
-    )) === INCOMPLETE
-  ) {
-    if (!await fillBody(server, connection)) return null;
-  }
-  if (consumed < 0) return -consumed;
-  connection.start += consumed;
-  return body.subarray(0, length);
-}
-
-// ---------------------------------------------------------------------------
 // parseRequest(): picohttpparser's shape — a pure function over bytes
 // ---------------------------------------------------------------------------
 
@@ -1240,6 +1115,131 @@ function requestLine(buf: Uint8Array, request: Request): string {
   return request.lineEnd > 0
     ? latin1(buf, request.methodStart, request.lineEnd)
     : "-";
+}
+
+// ---------------------------------------------------------------------------
+// Request bodies (RFC 9112 §6): Content-Length or chunked, strict and bounded
+// ---------------------------------------------------------------------------
+
+const EMPTY = new Uint8Array(0);
+
+/** Reads into the buffer while a body is expected; a stall is the ticker's. */
+function fillBody(server: ServerState, connection: Connection) {
+  connection.state = BODY;
+  connection.deadline = server.now + server.limits.bodyTimeout * 1000;
+  return fill(connection, Math.max(BODY_BUFFER, server.limits.maxHead));
+}
+
+/**
+ * Reads the body the parsed head announced.
+ * @returns the body, an error status, or null if the client went away.
+ */
+function readBody(
+  server: ServerState,
+  connection: Connection,
+): Promise<Uint8Array | number | null> {
+  return connection.request.chunked
+    ? readChunked(server, connection)
+    : readFixed(server, connection, connection.request.contentLength);
+}
+
+async function readFixed(
+  server: ServerState,
+  connection: Connection,
+  length: number,
+): Promise<Uint8Array | null> {
+  // Grown as bytes arrive, so a head announcing a large body costs nothing
+  // until the body actually comes.
+  let body = new Uint8Array(Math.min(length, BODY_BUFFER));
+  let received = Math.min(length, connection.end - connection.start);
+  body.set(
+    connection.buffer.subarray(connection.start, connection.start + received),
+  );
+  connection.start += received;
+  while (received < length) {
+    if (received === body.length) {
+      const larger = new Uint8Array(Math.min(length, body.length * 2));
+      larger.set(body);
+      body = larger;
+    }
+    connection.state = BODY;
+    connection.deadline = server.now + server.limits.bodyTimeout * 1000;
+    const count = await connection.stream.read(body.subarray(received));
+    if (count === null || connection.state === LINGER) return null;
+    received += count;
+  }
+  return body;
+}
+
+async function readChunked(
+  server: ServerState,
+  connection: Connection,
+): Promise<Uint8Array | number | null> {
+  const { maxBody } = server.limits;
+  const request = connection.request;
+  let body = new Uint8Array(1024);
+  let length = 0;
+  while (true) {
+    let consumed: number;
+    while (
+      (consumed = parseChunkSize(
+        connection.buffer,
+        connection.start,
+        connection.end,
+        request,
+        maxBody - length,
+      )) === INCOMPLETE
+    ) {
+      if (!await fillBody(server, connection)) return null;
+    }
+    if (consumed < 0) return -consumed;
+    connection.start += consumed;
+    let remaining = request.chunkSize;
+    if (remaining === 0) break;
+    if (length + remaining > body.length) {
+      const larger = new Uint8Array(
+        Math.min(maxBody, Math.max(length + remaining, body.length * 2)),
+      );
+      larger.set(body.subarray(0, length));
+      body = larger;
+    }
+    while (remaining > 0) {
+      if (connection.start === connection.end) {
+        if (!await fillBody(server, connection)) return null;
+      }
+      const take = Math.min(remaining, connection.end - connection.start);
+      body.set(
+        connection.buffer.subarray(connection.start, connection.start + take),
+        length,
+      );
+      length += take;
+      connection.start += take;
+      remaining -= take;
+    }
+    // RFC 9112 §7.1: chunk data is followed by CRLF, nothing else.
+    while (connection.end - connection.start < 2) {
+      if (!await fillBody(server, connection)) return null;
+    }
+    if (
+      connection.buffer[connection.start] !== CR ||
+      connection.buffer[connection.start + 1] !== LF
+    ) return 400;
+    connection.start += 2;
+  }
+  let consumed: number;
+  while (
+    (consumed = parseTrailers(
+      connection.buffer,
+      connection.start,
+      connection.end,
+      server.limits,
+    )) === INCOMPLETE
+  ) {
+    if (!await fillBody(server, connection)) return null;
+  }
+  if (consumed < 0) return -consumed;
+  connection.start += consumed;
+  return body.subarray(0, length);
 }
 
 // ---------------------------------------------------------------------------

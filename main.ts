@@ -343,7 +343,9 @@ class Connection {
   /** The unparsed bytes are `buffer[start, end)`. */
   start = 0;
   end = 0;
+  /** The size of the last read, and whether it filled all the room it had. */
   lastRead = 0;
+  filled = false;
   /** Responses parsed from one read, written together. */
   pending: Uint8Array[] = [];
   pendingBytes = 0;
@@ -424,12 +426,12 @@ async function handleConnection(
             limits.headerTimeout * 1000;
         }
         makeRoom(connection, limits.maxHead);
-        const count = await connection.stream.read(
-          connection.buffer.subarray(connection.end),
-        );
+        const room = connection.buffer.subarray(connection.end);
+        const count = await connection.stream.read(room);
         if (count === null || connection.state === LINGER) return;
         connection.end += count;
         connection.lastRead = count;
+        connection.filled = count === room.length;
         continue;
       }
       connection.headStarted = 0;
@@ -496,26 +498,30 @@ function shouldKeepAlive(request: Request): boolean {
 }
 
 /**
- * Makes room at the end of the connection's buffer for a read, compacting
- * it, or growing it up to `max` bytes, when it is full.
+ * Makes room at the end of the connection's buffer for a read: resets it
+ * when all is consumed, compacts it when full, and grows it (up to `max`)
+ * when the last read filled all the room it had — more is waiting, and one
+ * read should take in a whole pipelined batch.
  */
 function makeRoom(connection: Connection, max: number): void {
-  if (connection.start === connection.end) {
-    connection.start = connection.end = 0;
-  } else if (connection.end === connection.buffer.length) {
-    if (connection.start > 0) {
-      connection.buffer.copyWithin(0, connection.start, connection.end);
-      connection.end -= connection.start;
-      connection.start = 0;
-    } else {
-      const size = Math.min(max, connection.buffer.length * 2);
-      // The parsers reject anything that would need more than `max`.
-      if (size <= connection.buffer.length) throw new Error("buffer limit");
-      const buffer = new Uint8Array(size);
-      buffer.set(connection.buffer.subarray(0, connection.end));
-      connection.buffer = buffer;
-    }
+  const { buffer, start, end } = connection;
+  const full = end === buffer.length;
+  const size = connection.filled || (full && start === 0)
+    ? Math.min(max, buffer.length * 2)
+    : buffer.length;
+  if (size > buffer.length) {
+    const larger = new Uint8Array(size);
+    larger.set(buffer.subarray(start, end));
+    connection.buffer = larger;
+  } else if (full) {
+    // The parsers reject a head or chunk line before it needs more than `max`.
+    if (start === 0) throw new Error("read buffer limit");
+    buffer.copyWithin(0, start, end);
+  } else if (start !== end) {
+    return;
   }
+  connection.start = 0;
+  connection.end = end - start;
 }
 
 /**
@@ -524,12 +530,12 @@ function makeRoom(connection: Connection, max: number): void {
  */
 async function fill(connection: Connection, max: number): Promise<boolean> {
   makeRoom(connection, max);
-  const count = await connection.stream.read(
-    connection.buffer.subarray(connection.end),
-  );
+  const room = connection.buffer.subarray(connection.end);
+  const count = await connection.stream.read(room);
   if (count === null || connection.state === LINGER) return false;
   connection.end += count;
   connection.lastRead = count;
+  connection.filled = count === room.length;
   return true;
 }
 
@@ -1110,11 +1116,24 @@ function intern(
   return null;
 }
 
-/** The request line as received, for the access log. */
+let lastLine = "-";
+
+/**
+ * The request line as received, for the access log. Most lines repeat the
+ * one before (a client asks for the same thing again), so that string is
+ * reused when the bytes match, and a busy log allocates no line at all.
+ */
 function requestLine(buf: Uint8Array, request: Request): string {
-  return request.lineEnd > 0
-    ? latin1(buf, request.methodStart, request.lineEnd)
-    : "-";
+  const { methodStart: start, lineEnd: end } = request;
+  if (end === 0) return "-";
+  if (end - start === lastLine.length) {
+    let i = 0;
+    while (i < lastLine.length && buf[start + i] === lastLine.charCodeAt(i)) {
+      i++;
+    }
+    if (i === lastLine.length) return lastLine;
+  }
+  return lastLine = latin1(buf, start, end);
 }
 
 // ---------------------------------------------------------------------------

@@ -147,6 +147,8 @@ const MAX_BATCH = 64 * 1024;
 const MAX_CHUNK_LINE = 4096;
 /** After an error reply, how long the server drains what the client still sends. */
 const LINGER_TIME = 2;
+/** On shutdown, how long a new connection may still send its first request. */
+const SHUTDOWN_GRACE = 1;
 /** Access log lines buffered before a write is forced. */
 const LOG_BATCH = 512;
 
@@ -288,7 +290,17 @@ class ServerState {
       } catch { /* already closed */ }
       this.#slotFree?.();
       for (const connection of this.connections) {
-        if (connection.isIdle()) connection.close();
+        if (connection.state === IDLE) {
+          connection.close();
+        } else if (connection.state === HEAD && connection.isSilent()) {
+          // Just accepted, its first request may be on the way (a proxy
+          // sends it right after connecting): a short grace, as Go gives,
+          // rather than a close that would lose it.
+          connection.deadline = Math.min(
+            connection.deadline,
+            this.now + SHUTDOWN_GRACE * 1000,
+          );
+        }
       }
       this.#forceTimer = setTimeout(() => {
         for (const connection of this.connections) {
@@ -365,10 +377,9 @@ class Connection {
     return this.#remote ||= (this.stream.remoteAddr as Deno.NetAddr).hostname;
   }
 
-  /** Nothing owed: between requests, or opened and silent. */
-  isIdle(): boolean {
-    return this.state === IDLE ||
-      (this.state === HEAD && this.start === this.end);
+  /** Nothing of the current request has arrived yet. */
+  isSilent(): boolean {
+    return this.start === this.end;
   }
 
   /** Waits `ms`, unless the connection is closed first. */
@@ -600,7 +611,7 @@ async function drain(connection: Connection): Promise<void> {
 /** The ticker's verdict on a connection whose deadline passed. */
 function expire(server: ServerState, connection: Connection): void {
   const started = connection.state === BODY ||
-    (connection.state === HEAD && connection.start < connection.end);
+    (connection.state === HEAD && !connection.isSilent());
   if (!started) {
     // Idle, silent since it opened, stuck writing, or done lingering.
     connection.close();

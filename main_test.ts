@@ -164,6 +164,8 @@ async function assertRejected(
 
 const GET = "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n";
 
+const delay = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
 function post(path: string, body: string, fields = ""): string {
   return `POST ${path} HTTP/1.1\r\nHost: localhost\r\n${fields}` +
     `Content-Length: ${latin1(body).length}\r\n\r\n${body}`;
@@ -892,6 +894,44 @@ Deno.test("serve() shutdown() finishes in-flight requests and closes idle ones",
   }
 });
 
+Deno.test("serve() shutdown() still answers a connection opened just before", async () => {
+  const server = start();
+  const fresh = await Client.open(server);
+  try {
+    await delay(100);
+    const finished = server.shutdown();
+    // A proxy's new upstream connection: the request follows the connect.
+    await delay(50);
+    await fresh.send(GET);
+    const reply = await fresh.response();
+    assert.equal(reply?.status, 200);
+    assert.equal(reply.headers.get("connection"), "close");
+    assert.ok(await fresh.closedByServer());
+    await finished;
+  } finally {
+    fresh.close();
+    await server.shutdown();
+  }
+});
+
+Deno.test("serve() shutdown() closes a silent new connection after a grace", async () => {
+  const server = start();
+  const silent = await Client.open(server);
+  try {
+    await delay(50);
+    const began = performance.now();
+    await server.shutdown();
+    const after = performance.now() - began;
+    assert.ok(
+      after < 3000,
+      `shut down after ${after} ms, not the header timeout`,
+    );
+    assert.ok(await silent.closedByServer());
+  } finally {
+    silent.close();
+  }
+});
+
 Deno.test("serve() stops on an AbortSignal and reports onListen", async () => {
   const controller = new AbortController();
   let listened: Deno.NetAddr | undefined;
@@ -922,8 +962,6 @@ Deno.test("serve() closes connections still busy at the shutdown timeout", async
 // ---------------------------------------------------------------------------
 // Slow clients, limits and the connection cap
 // ---------------------------------------------------------------------------
-
-const delay = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** Reads until the server closes; returns what arrived and when, in ms. */
 async function readUntilClosed(

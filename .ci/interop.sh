@@ -1,0 +1,767 @@
+#!/usr/bin/env bash
+# Interop suite: real clients and a real proxy against the real server.
+#
+# The unit tests (main_test.ts) speak HTTP to the server with our own bytes;
+# this script asks the tools people actually use whether they agree: curl,
+# ApacheBench, wrk, Deno's and Node's fetch, node:http, headless Chromium,
+# and nginx as reverse proxy / load balancer, including a rolling restart.
+#
+#   bash .ci/interop.sh                       # from anywhere
+#   CI=true bash .ci/interop.sh               # a missing tool is a failure
+#   UPDATE_SCREENSHOT=1 bash .ci/interop.sh   # rewrite .ci/screenshot.png
+#   KEEP_WORK=1 bash .ci/interop.sh           # keep the logs in $TMPDIR
+#
+# Tools (Debian packages): curl, apache2-utils (ab), wrk, nodejs (node),
+# chromium, nginx-light (nginx), iproute2 (ss); deno comes from npm.
+# Everything talks to 127.0.0.1 only, every command is bounded by `timeout`,
+# and the whole run takes about a minute.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/interop.XXXXXX")
+export NO_COLOR=1 # plain TAP and logs from deno
+
+# ---------------------------------------------------------------------------
+# Processes: everything started in the background is recorded here, and the
+# trap stops it however the script ends.
+# ---------------------------------------------------------------------------
+
+PIDS=()
+declare -A PID PORT
+
+cleanup() {
+  local pid _
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  # SIGTERM is a graceful shutdown: give it a few seconds before SIGKILL.
+  for _ in $(seq 50); do
+    local alive=0
+    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  if [ "${KEEP_WORK:-}" = 1 ]; then
+    echo "logs kept in $WORK" >&2
+  else
+    rm -rf "$WORK"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start_server NAME [FLAGS...]: starts an instance on a free port and waits
+# for its first line, "Listening on http://127.0.0.1:PORT/", to learn the
+# port. Sets PID[NAME] and PORT[NAME]; stdout (the access log) goes to
+# $WORK/NAME.out and stderr to $WORK/NAME.err. `timeout` is the backstop if
+# this script is killed outright; it passes our SIGTERM on to deno and exits
+# with deno's status, so PID[NAME] can be signalled and waited for as if it
+# were the server itself.
+start_server() {
+  local name=$1 line="" _
+  shift
+  timeout -k 5 300 deno run --allow-net main.ts --port 0 "$@" \
+    >"$WORK/$name.out" 2>"$WORK/$name.err" &
+  PID[$name]=$!
+  PIDS+=("$!")
+  for _ in $(seq 150); do # up to 15 s
+    line=$(head -n 1 "$WORK/$name.out")
+    [ -n "$line" ] && break
+    kill -0 "${PID[$name]}" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [[ $line =~ ^Listening\ on\ http://127\.0\.0\.1:([0-9]+)/$ ]]; then
+    PORT[$name]=${BASH_REMATCH[1]}
+  else
+    fail "server '$name' started (first line: '$line')"
+    cat "$WORK/$name.err"
+    exit 1
+  fi
+}
+
+# stop_server NAME: SIGTERM, then its exit status (124 if it hung for 20 s).
+stop_server() {
+  local pid=${PID[$1]} rc=0 _
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 200); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -0 "$pid" 2>/dev/null && return 124
+  wait "$pid" || rc=$?
+  return "$rc"
+}
+
+free_port() {
+  deno eval 'const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    console.log(l.addr.port); l.close();'
+}
+
+# ---------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------
+
+PASSED=0
+FAILED=0
+pass() {
+  PASSED=$((PASSED + 1))
+  echo "  ok    $*"
+}
+fail() {
+  FAILED=$((FAILED + 1))
+  echo "  FAIL  $*"
+}
+section() { printf '\n== %s\n' "$*"; }
+
+# check NAME COMMAND...: one check. COMMAND runs in a subshell with errexit
+# on, so its first failing command fails the check; its output is shown only
+# then. (errexit is ignored inside `if`, `||` and `&&`, even in a subshell,
+# hence the set +e dance instead of `if ( ... )`.)
+check() {
+  local name=$1 rc
+  shift
+  : >"$WORK/check.notes"
+  set +e
+  (
+    set -e
+    "$@"
+  ) >"$WORK/check.out" 2>&1
+  rc=$?
+  set -e
+  if [ "$rc" = 0 ]; then
+    pass "$name"
+  else
+    fail "$name"
+    tail -n 30 "$WORK/check.out" | cut -c 1-300 | sed "s/^/        /"
+  fi
+  sed "s/^/        /" "$WORK/check.notes"
+}
+
+# note TEXT: a line shown under the check whether it passes or fails.
+note() { echo "$*" >>"$WORK/check.notes"; }
+
+# have TOOL PACKAGE: is TOOL installed? In CI a missing tool is a failure
+# (the tools are part of the contract); elsewhere a visible skip.
+have() {
+  command -v "$1" >/dev/null 2>&1 && return 0
+  if [ "${CI:-}" = true ]; then
+    fail "$1 not installed (apt-get install -y $2)"
+  else
+    echo "SKIP: $1 not installed (apt-get install -y $2)"
+  fi
+  return 1
+}
+
+# tap_results RC FILE: one pass or fail per top-level TAP test line of a
+# test runner's output (deno test and node --test both speak TAP), with the
+# runner's diagnostics under a failure. A runner that failed or ran nothing
+# without a failing test to show for it is one more failure.
+tap_results() {
+  local rc=$1 file=$2 line name seen=0 bad=0 show=0
+  while IFS= read -r line; do
+    if [[ $line =~ ^(not\ )?ok\ [0-9]+\ -\ (.*)$ ]]; then
+      name=${BASH_REMATCH[2]}
+      show=0
+      if [[ $name == *"# SKIP"* ]]; then
+        echo "SKIP: ${name%% # SKIP*}"
+      elif [ -n "${BASH_REMATCH[1]}" ]; then
+        fail "$name"
+        bad=1
+        show=1
+      else
+        pass "$name"
+      fi
+      seen=1
+    elif [ "$show" = 1 ] && [[ $line == " "* ]]; then
+      echo "$line" | cut -c 1-300 | sed 's/^/      /'
+    fi
+  done <"$file"
+  if [ "$seen" = 0 ] || { [ "$rc" != 0 ] && [ "$bad" = 0 ]; }; then
+    fail "test runner exited $rc"
+    tail -n 20 "$file" | sed 's/^/        /'
+  fi
+}
+
+# ---------------------------------------------------------------------------
+# Assertions for the checks
+# ---------------------------------------------------------------------------
+
+expect() { # expect ACTUAL WANTED WHAT
+  [ "$1" = "$2" ] || {
+    echo "$3: got '$1', wanted '$2'"
+    return 1
+  }
+}
+
+contains() { # contains FILE TEXT
+  grep -qF -- "$2" "$1" || {
+    echo "$(basename "$1") lacks '$2'; it begins:"
+    head -c 600 "$1"
+    echo
+    return 1
+  }
+}
+
+same_bytes() { # same_bytes SENT RECEIVED
+  cmp "$1" "$2" || {
+    echo "sent $(wc -c <"$1") bytes, got back $(wc -c <"$2")"
+    return 1
+  }
+}
+
+# ab_clean LOG N: all N requests completed, none failed, all 2xx (ab prints
+# "Non-2xx responses" only when there are some).
+ab_clean() {
+  if grep -Eq "^Complete requests: +$2\$" "$1" &&
+    grep -Eq '^Failed requests: +0$' "$1" &&
+    ! grep -q '^Non-2xx responses' "$1"; then
+    return 0
+  fi
+  grep -E '^(Complete|Failed|Non-2xx|Keep-Alive) |^   \(|apr_|ab:' "$1"
+  return 1
+}
+
+# count_hits LOG: access-log lines of requests for / answered with 200.
+count_hits() { grep -c '"GET / HTTP/1.1" 200 ' "$1" || true; }
+
+# ---------------------------------------------------------------------------
+# The server under test, and test data
+# ---------------------------------------------------------------------------
+
+if ! command -v deno >/dev/null 2>&1; then
+  fail "deno not installed (npm install -g deno@2.9.6)"
+  echo "interop: $PASSED passed, $FAILED failed"
+  exit 1
+fi
+
+section "server"
+# A short /sleep so that the clients can test it without slowing the run.
+start_server main --sleep-delay 0.2
+BASE="http://127.0.0.1:${PORT[main]}"
+echo "  $BASE/ (pid ${PID[main]})"
+
+head -c 204800 /dev/urandom >"$WORK/small.bin"  # 200 KiB
+head -c 921600 /dev/urandom >"$WORK/large.bin"  # 900 KiB, under --max-body
+head -c 1153434 /dev/urandom >"$WORK/huge.bin"  # 1.1 MiB, over it
+
+# ---------------------------------------------------------------------------
+# curl: the reference client, one behaviour per check
+# ---------------------------------------------------------------------------
+
+# Options repeated after every --next, which resets them.
+CURL=(-sS --max-time 20)
+c() { timeout 30 curl "${CURL[@]}" "$@"; }
+
+curl_get() {
+  expect "$(c -o "$WORK/get.html" -w '%{http_code}' "$BASE/")" 200 status
+  contains "$WORK/get.html" '<h1>Hello!</h1>'
+}
+
+# HEAD, then GET on the same connection: had the HEAD response carried a
+# body, curl would read it as the GET's status line and fail.
+curl_head() {
+  local out
+  out=$(c -I -o "$WORK/head.txt" "$BASE/" \
+    --next "${CURL[@]}" -o "$WORK/after-head.html" \
+    -w '%{http_code} %{num_connects}' "$BASE/")
+  tr -d '\r' <"$WORK/head.txt" >"$WORK/head.hdr"
+  expect "$(head -n 1 "$WORK/head.hdr")" "HTTP/1.1 200 OK" "status line"
+  expect "$(grep -i '^content-length:' "$WORK/head.hdr" | tr -dc 0-9)" \
+    "$(wc -c <"$WORK/get.html" | tr -dc 0-9)" "Content-Length vs GET's body"
+  expect "$out" "200 0" "GET after HEAD: status, new connections"
+  contains "$WORK/after-head.html" '<h1>Hello!</h1>'
+}
+
+# "Expect:" turns off curl's own Expect header: a plain Content-Length upload.
+curl_echo() {
+  expect "$(c --data-binary @"$WORK/small.bin" -H 'Expect:' \
+    -H 'Content-Type: application/octet-stream' \
+    -o "$WORK/echo.bin" -w '%{http_code}' "$BASE/echo")" 200 status
+  same_bytes "$WORK/small.bin" "$WORK/echo.bin"
+}
+
+curl_chunked() {
+  expect "$(c -v --data-binary @"$WORK/small.bin" -H 'Expect:' \
+    -H 'Transfer-Encoding: chunked' -o "$WORK/chunked.bin" \
+    -w '%{http_code}' "$BASE/echo" 2>"$WORK/chunked.verbose")" 200 status
+  contains "$WORK/chunked.verbose" '> Transfer-Encoding: chunked'
+  same_bytes "$WORK/small.bin" "$WORK/chunked.bin"
+}
+
+# HTTP/1.0 without keep-alive: each request gets its own connection.
+curl_http10() {
+  expect "$(c --http1.0 -o "$WORK/get10.html" -o /dev/null \
+    -w '%{http_code} %{num_connects} ' "$BASE/" "$BASE/")" \
+    "200 1 200 1 " "status, new connections (x2)"
+  contains "$WORK/get10.html" '<h1>Hello!</h1>'
+  expect "$(c --http1.0 --data-binary @"$WORK/small.bin" \
+    -o "$WORK/echo10.bin" -w '%{http_code}' "$BASE/echo")" 200 "POST status"
+  same_bytes "$WORK/small.bin" "$WORK/echo10.bin"
+}
+
+# The server must answer "100 Continue" itself: curl would otherwise wait out
+# --expect100-timeout and send anyway, and the echo alone would still pass.
+curl_expect() {
+  expect "$(c -v --expect100-timeout 15 -H 'Expect: 100-continue' \
+    --data-binary @"$WORK/large.bin" -o "$WORK/large.out" \
+    -w '%{http_code}' "$BASE/echo" 2>"$WORK/expect.verbose")" 200 status
+  contains "$WORK/expect.verbose" '< HTTP/1.1 100 Continue'
+  same_bytes "$WORK/large.bin" "$WORK/large.out"
+}
+
+# One curl invocation, five requests of three kinds, one connection.
+# (The server closes after any 4xx/5xx on purpose, so only 2xx here.)
+curl_reuse() {
+  expect "$(c -v -o /dev/null -o /dev/null -w '%{num_connects} ' \
+    "$BASE/" "$BASE/" \
+    --next "${CURL[@]}" -v --data-binary @"$WORK/small.bin" -H 'Expect:' \
+    -o "$WORK/reuse.bin" -w '%{num_connects} ' "$BASE/echo" \
+    --next "${CURL[@]}" -v -o /dev/null -w '%{num_connects} ' "$BASE/sleep" \
+    --next "${CURL[@]}" -v -I -o /dev/null -w '%{num_connects}' "$BASE/" \
+    2>"$WORK/reuse.verbose")" "1 0 0 0 0" "new connections per request"
+  expect "$(grep -Ec 'Re-?using existing connection' "$WORK/reuse.verbose")" 4 \
+    "curl's 'Re-using existing connection' lines"
+  same_bytes "$WORK/small.bin" "$WORK/reuse.bin"
+}
+
+curl_404() {
+  expect "$(c -o "$WORK/404.html" -w '%{http_code}' "$BASE/nope")" 404 status
+  contains "$WORK/404.html" '<h1>Oops!</h1>'
+}
+
+curl_405() {
+  expect "$(c -X DELETE -D "$WORK/405.hdr" -o /dev/null -w '%{http_code}' \
+    "$BASE/")" 405 status
+  contains "$WORK/405.hdr" 'Allow: GET, HEAD'
+}
+
+# Over --max-body both ways: announced with Expect (the server can refuse
+# before the upload) and sent straight away (the server must read, or at
+# least not reset, the rest; curl then still sees the 413).
+curl_413() {
+  expect "$(c -H 'Expect: 100-continue' --data-binary @"$WORK/huge.bin" \
+    -o /dev/null -w '%{http_code}' "$BASE/echo")" 413 "status with Expect"
+  expect "$(c -H 'Expect:' --data-binary @"$WORK/huge.bin" \
+    -o /dev/null -w '%{http_code}' "$BASE/echo")" 413 "status without Expect"
+}
+
+section "curl"
+if have curl curl; then
+  check "curl: GET / is 200 with the hello page" curl_get
+  check "curl: HEAD / is 200 with Content-Length and no body" curl_head
+  check "curl: POST /echo 200 KiB (Content-Length) byte for byte" curl_echo
+  check "curl: POST /echo 200 KiB chunked byte for byte" curl_chunked
+  check "curl: HTTP/1.0 GET and POST, no keep-alive" curl_http10
+  check "curl: Expect: 100-continue, 900 KiB byte for byte" curl_expect
+  check "curl: keep-alive reuse across 5 requests" curl_reuse
+  check "curl: /nope is 404 with the Oops page" curl_404
+  check "curl: DELETE / is 405 with Allow" curl_405
+  check "curl: a 1.1 MiB body is 413" curl_413
+fi
+
+# ---------------------------------------------------------------------------
+# Load generators: thousands of requests, none may fail
+# ---------------------------------------------------------------------------
+
+ab_run() { # ab_run LOG N [AB FLAGS...]: -r counts socket errors, not abort
+  local log=$1 n=$2 rc=0
+  shift 2
+  timeout 60 ab -r -n "$n" "$@" "$BASE/" >"$log" 2>&1 || rc=$?
+  note "$(grep -E "^Requests per second" "$log")"
+  ab_clean "$log" "$n"
+  expect "$rc" 0 "ab's exit status"
+}
+
+# ab -k speaks HTTP/1.0 with "Connection: Keep-Alive": every request must
+# have been kept alive, or the server ignored the 1.0 keep-alive.
+ab_keepalive() {
+  ab_run "$WORK/ab-k.log" 5000 -c 20 -k
+  expect "$(grep -E '^Keep-Alive requests:' "$WORK/ab-k.log" | tr -dc 0-9)" \
+    5000 "Keep-Alive requests"
+}
+
+# wrk prints "Socket errors" and "Non-2xx or 3xx responses" only if any.
+wrk_run() {
+  local rc=0
+  timeout 20 wrk -d 3 -c 20 -t 1 --timeout 5s "$BASE/" >"$WORK/wrk.log" 2>&1 ||
+    rc=$?
+  note "$(grep -E "requests in|Requests/sec" "$WORK/wrk.log" | xargs)"
+  cat "$WORK/wrk.log"
+  if grep -Eq "Socket errors|Non-2xx" "$WORK/wrk.log"; then return 1; fi
+  grep -Eq '^ +[1-9][0-9]* requests in' "$WORK/wrk.log"
+  expect "$rc" 0 "wrk's exit status"
+}
+
+section "ab, wrk"
+if have ab apache2-utils; then
+  check "ab -n 5000 -c 20: no failed or non-2xx request" \
+    ab_run "$WORK/ab.log" 5000 -c 20
+  check "ab -n 5000 -c 20 -k: no failure, all 5000 kept alive" ab_keepalive
+fi
+if have wrk wrk; then
+  check "wrk -d 3 -c 20: no socket error, no non-2xx" wrk_run
+fi
+
+# ---------------------------------------------------------------------------
+# Programmatic clients: Deno's fetch (.ci/interop_test.ts) and Node's fetch
+# (undici) and node:http (below). Both runners report in TAP.
+# ---------------------------------------------------------------------------
+
+# Connection reuse is checked with ss: counting the client's established
+# connections to the server port after each request, and their local port.
+SS=1
+if ! have ss iproute2; then SS=0; fi
+
+section "deno fetch"
+rc=0
+INTEROP_URL="$BASE/" INTEROP_SS=$SS timeout 120 deno test --reporter=tap \
+  --allow-net=127.0.0.1 --allow-env=INTEROP_URL,INTEROP_SS --allow-run=ss \
+  .ci/interop_test.ts >"$WORK/deno-test.log" 2>&1 || rc=$?
+tap_results "$rc" "$WORK/deno-test.log"
+
+# The Node client lives here rather than in its own file: it is a few tests,
+# and Node cannot run the TypeScript file.
+cat >"$WORK/node_test.mjs" <<'EOF'
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import http from "node:http";
+import { setTimeout as sleep } from "node:timers/promises";
+import { test } from "node:test";
+
+const base = new URL(process.env.INTEROP_URL);
+const haveSs = process.env.INTEROP_SS !== "0";
+const HELLO = "<h1>Hello!</h1>";
+
+// Local ports of this machine's established connections to the server.
+function clientPorts() {
+  const args = ["-Htn", "state", "established", "dst", base.host];
+  return execFileSync("ss", args, { encoding: "utf8" }).trim().split("\n")
+    .filter((line) => line.length > 0)
+    .map((line) => line.trim().split(/\s+/).at(-2));
+}
+
+// First, while fetch's global connection pool is still empty. Fails on a new
+// connection per request (the local port changes) or on connections piling
+// up (more than one at a time). Two undici habits shape it: it closes the
+// connection after any HEAD on purpose (it sends "connection: close"), so
+// there is no HEAD here; and it gives a connection back to its pool a turn
+// of the event loop after the body ends, so a POST sent at once (which it
+// never pipelines) would open a second connection: hence the short pause.
+test("node fetch: sequential requests reuse one connection", {
+  skip: !haveSs,
+}, async () => {
+  const seen = new Set();
+  for (const [method, path, body] of [
+    ["GET", "/"], ["POST", "/echo", "ping"], ["GET", "/sleep"], ["GET", "/"],
+    ["POST", "/echo", "pong"], ["GET", "/"],
+  ]) {
+    const response = await fetch(new URL(path, base), { method, body });
+    await response.arrayBuffer();
+    await sleep(10);
+    const ports = clientPorts();
+    const what = `${method} ${path}`;
+    assert.equal(ports.length, 1, `connections after ${what}: ${ports}`);
+    seen.add(ports[0]);
+  }
+  assert.equal(seen.size, 1, `local ports used: ${[...seen]}`);
+});
+
+test("node fetch: GET / is the hello page", async () => {
+  const response = await fetch(base);
+  assert.equal(response.status, 200);
+  assert.match(response.headers.get("content-type"), /^text\/html/);
+  assert.ok((await response.text()).includes(HELLO));
+});
+
+test("node fetch: HEAD / has Content-Length and no body", async () => {
+  const length = (await (await fetch(base)).arrayBuffer()).byteLength;
+  const head = await fetch(base, { method: "HEAD" });
+  assert.equal(head.status, 200);
+  assert.equal(head.headers.get("content-length"), String(length));
+  assert.equal((await head.arrayBuffer()).byteLength, 0);
+});
+
+test("node fetch: POST /echo returns 300 KiB byte for byte", async () => {
+  const sent = randomBytes(300 * 1024);
+  const response = await fetch(new URL("/echo", base), {
+    method: "POST",
+    body: sent,
+  });
+  assert.equal(response.status, 200);
+  assert.ok(sent.equals(Buffer.from(await response.arrayBuffer())));
+});
+
+test("node fetch: /nope is 404, DELETE / is 405", async () => {
+  const missing = await fetch(new URL("/nope", base));
+  assert.equal(missing.status, 404);
+  assert.ok((await missing.text()).includes("<h1>Oops!</h1>"));
+  const wrong = await fetch(base, { method: "DELETE" });
+  assert.equal(wrong.status, 405);
+  assert.match(wrong.headers.get("allow"), /GET/);
+  await wrong.arrayBuffer();
+});
+
+test("node fetch: /sleep answers after the 0.2 s delay", async () => {
+  const started = performance.now();
+  const response = await fetch(new URL("/sleep", base));
+  assert.ok((await response.text()).includes(HELLO));
+  const elapsed = performance.now() - started;
+  assert.ok(elapsed >= 180 && elapsed < 3000, `after ${elapsed} ms`);
+});
+
+// node:http says itself whether a request went out on a reused socket.
+function request(options, body) {
+  return new Promise((resolve, reject) => {
+    const req = http.request(new URL(options.path, base), options, (res) => {
+      const chunks = [];
+      res.on("data", (chunk) => chunks.push(chunk));
+      res.on("end", () =>
+        resolve({
+          status: res.statusCode,
+          body: Buffer.concat(chunks),
+          reused: req.reusedSocket,
+        }));
+      res.on("error", reject);
+    });
+    req.on("error", reject);
+    // Several writes and no Content-Length: node:http sends it chunked.
+    for (let i = 0; body && i < body.length; i += 10000) {
+      req.write(body.subarray(i, i + 10000));
+    }
+    req.end();
+  });
+}
+
+test("node:http keep-alive agent: one socket, chunked echo", async () => {
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+  try {
+    const sent = randomBytes(100 * 1024);
+    const reused = [];
+    for (const path of ["/", "/", "/echo", "/"]) {
+      const method = path === "/echo" ? "POST" : "GET";
+      const body = method === "POST" ? sent : undefined;
+      const res = await request({ agent, method, path }, body);
+      assert.equal(res.status, 200);
+      if (method === "POST") assert.ok(sent.equals(res.body), "echo differs");
+      reused.push(res.reused);
+    }
+    assert.deepEqual(reused, [false, true, true, true]);
+  } finally {
+    agent.destroy();
+  }
+});
+EOF
+
+section "node fetch, node:http"
+if have node nodejs; then
+  rc=0
+  INTEROP_URL="$BASE/" INTEROP_SS=$SS timeout 60 node --test \
+    --test-reporter=tap "$WORK/node_test.mjs" >"$WORK/node-test.log" 2>&1 ||
+    rc=$?
+  tap_results "$rc" "$WORK/node-test.log"
+fi
+
+# ---------------------------------------------------------------------------
+# A real browser: headless Chromium renders the page
+# ---------------------------------------------------------------------------
+
+# Background networking, sync, component updates and QUIC off: the browser
+# talks to our server and to nothing else. Each run gets a fresh profile.
+chromium_run() {
+  timeout 60 chromium --headless --no-sandbox --disable-gpu --disable-quic \
+    --disable-background-networking --disable-component-update \
+    --disable-sync --no-first-run \
+    --user-data-dir="$(mktemp -d "$WORK/chromium.XXXXXX")" "$@"
+}
+
+chromium_dom() {
+  chromium_run --dump-dom "$BASE/" >"$WORK/dom.html" 2>"$WORK/chromium.log"
+  contains "$WORK/dom.html" '<h1>Hello!</h1>'
+  contains "$WORK/dom.html" 'Hi from Deno'
+}
+
+# The committed screenshot (README) is rewritten only on request.
+SHOT="$WORK/screenshot.png"
+if [ "${UPDATE_SCREENSHOT:-}" = 1 ]; then SHOT="$PWD/.ci/screenshot.png"; fi
+
+# A PNG of the requested size (signature, then the IHDR width and height).
+chromium_screenshot() {
+  rm -f "$SHOT"
+  chromium_run --window-size=800,400 --screenshot="$SHOT" "$BASE/" \
+    >"$WORK/screenshot.log" 2>&1
+  expect "$(od -An -tx1 -N8 "$SHOT" | tr -d " ")" 89504e470d0a1a0a \
+    "PNG signature"
+  expect "$(od -An -tu4 --endian=big -j16 -N8 "$SHOT" | xargs)" "800 400" \
+    "width height"
+  note "$SHOT"
+}
+
+section "chromium"
+if have chromium chromium; then
+  check "chromium: --dump-dom shows the hello page" chromium_dom
+  check "chromium: 800x400 screenshot" chromium_screenshot
+fi
+
+# ---------------------------------------------------------------------------
+# nginx: reverse proxy and load balancer over two instances, then a rolling
+# restart under load
+# ---------------------------------------------------------------------------
+
+nginx_start() {
+  start_server up1
+  start_server up2
+  NGINX_PORT=$(free_port)
+  NGX="$WORK/nginx"
+  mkdir -p "$NGX"
+  # .ci/nginx.conf is the README's example; only its three ports change.
+  sed -e "s/server 127\.0\.0\.1:7878;/server 127.0.0.1:${PORT[up1]};/" \
+    -e "s/server 127\.0\.0\.1:7879;/server 127.0.0.1:${PORT[up2]};/" \
+    -e "s/listen 127\.0\.0\.1:8080;/listen 127.0.0.1:$NGINX_PORT;/" \
+    .ci/nginx.conf >"$NGX/nginx.conf"
+  local port
+  for port in "${PORT[up1]}" "${PORT[up2]}" "$NGINX_PORT"; do
+    grep -q "127\.0\.0\.1:$port;" "$NGX/nginx.conf" || {
+      fail "nginx.conf: a port placeholder (7878, 7879, 8080) is missing"
+      return 1
+    }
+  done
+  # As root, nginx's workers would run as nobody, who cannot enter our 0700
+  # temp dir to write proxy temp files.
+  local globals="daemon off;"
+  [ "$(id -u)" = 0 ] && globals="$globals user root;"
+  timeout -k 5 300 nginx -p "$NGX" -c "$NGX/nginx.conf" -e stderr \
+    -g "$globals" >"$NGX/stderr.log" 2>&1 &
+  PID[nginx]=$!
+  PIDS+=("$!")
+  NGINX="http://127.0.0.1:$NGINX_PORT/"
+  local _ code
+  for _ in $(seq 100); do # up to 10 s
+    code=$(curl -s --max-time 2 -o /dev/null -w "%{http_code}" "$NGINX" || true)
+    [ "$code" = 200 ] && return 0
+    kill -0 "${PID[nginx]}" 2>/dev/null || break
+    sleep 0.1
+  done
+  fail "nginx started and proxied GET / (port $NGINX_PORT)"
+  cat "$NGX/stderr.log" "$NGX/error.log" 2>/dev/null | tail -n 20
+  return 1
+}
+
+nginx_load() {
+  local rc=0
+  timeout 60 ab -r -k -n 2000 -c 20 "$NGINX" >"$WORK/nginx-ab.log" 2>&1 ||
+    rc=$?
+  note "$(grep -E "^Requests per second" "$WORK/nginx-ab.log")"
+  ab_clean "$WORK/nginx-ab.log" 2000
+  expect "$rc" 0 "ab's exit status"
+}
+
+# Round robin: each instance's access log shows about half of the requests.
+# (The log is written in batches, at most a quarter second late.)
+nginx_balance() {
+  local a b _
+  for _ in $(seq 30); do
+    a=$(count_hits "$WORK/up1.out")
+    b=$(count_hits "$WORK/up2.out")
+    [ $((a + b)) -ge 2000 ] && break
+    sleep 0.1
+  done
+  note "instance 1 served $a, instance 2 served $b"
+  [ $((a + b)) -ge 2000 ] && [ $((a * 5)) -ge $((a + b)) ] &&
+    [ $((b * 5)) -ge $((a + b)) ]
+}
+
+# Upstream keep-alive works: after the load nginx still holds idle
+# connections to the instances (the server's idle timeout is 5 s), at most
+# the 16 of "keepalive 16" (a cache shared by both instances, so one of them
+# may hold all 16).
+nginx_keepalive() {
+  local a b
+  a=$(ss -Htn state established dst "127.0.0.1:${PORT[up1]}" | wc -l)
+  b=$(ss -Htn state established dst "127.0.0.1:${PORT[up2]}" | wc -l)
+  note "idle nginx connections: $a to instance 1, $b to instance 2"
+  [ $((a + b)) -ge 1 ] && [ $((a + b)) -le 16 ]
+}
+
+# The rolling restart: SIGTERM instance 1 one second into a ~3 s load through
+# nginx. The instance closes its idle keep-alive connections at once, refuses
+# new ones and finishes what is in flight; nginx must retry whatever met a
+# closed or refused connection on instance 2, so that its clients see no
+# error at all. This part runs in the script's own shell, not in a check's
+# subshell, because only the parent can wait for a child's exit status.
+nginx_rolling_load() {
+  local rps
+  rps=$(awk '/^Requests per second:/ { print int($4) }' "$WORK/nginx-ab.log")
+  ROLL_N=$((${rps:-0} * 3)) # about 3 s at the first run's rate
+  [ "$ROLL_N" -lt 3000 ] && ROLL_N=3000
+  [ "$ROLL_N" -gt 60000 ] && ROLL_N=60000
+  timeout 60 ab -r -k -n "$ROLL_N" -c 10 "$NGINX" >"$WORK/roll-ab.log" 2>&1 &
+  local ab=$!
+  PIDS+=("$ab")
+  sleep 1
+  ROLL_MIDWAY=0
+  kill -0 "$ab" 2>/dev/null && ROLL_MIDWAY=1
+  ROLL_RC=0
+  stop_server up1 || ROLL_RC=$?
+  ROLL_AB_RC=0
+  wait "$ab" || ROLL_AB_RC=$?
+}
+
+nginx_rolling_verify() {
+  note "$ROLL_N requests; instance 1 exited $ROLL_RC, ab $ROLL_AB_RC;" \
+    "nginx logged:"
+  # What nginx absorbed: refused connects and broken keep-alive connections
+  # that it retried on the other instance.
+  grep -E '\[(error|warn)\]' "$NGX/error.log" |
+    sed -E 's/^[^]]*\] [0-9#]+: \*[0-9]+ //; s/, client:.*//' |
+    sort | uniq -c | sort -rn | head -n 8 >>"$WORK/check.notes" || true
+  expect "$ROLL_MIDWAY" 1 "load still running at the SIGTERM"
+  ab_clean "$WORK/roll-ab.log" "$ROLL_N"
+  expect "$ROLL_AB_RC" 0 "ab's exit status"
+  expect "$ROLL_RC" 0 "instance 1's exit status"
+  contains "$WORK/up1.out" "Shutting down."
+}
+
+section "nginx"
+if have nginx nginx-light && command -v ab >/dev/null && nginx_start; then
+  echo "  $NGINX -> 127.0.0.1:${PORT[up1]}, 127.0.0.1:${PORT[up2]}"
+  check "nginx: ab -n 2000 -c 20 -k through the proxy, no failure" nginx_load
+  check "nginx: both instances served a fair share" nginx_balance
+  if [ "$SS" = 1 ]; then
+    check "nginx: keeps idle keep-alive connections upstream" nginx_keepalive
+  fi
+  nginx_rolling_load
+  check "nginx: rolling restart (SIGTERM one instance under load), no failure" \
+    nginx_rolling_verify
+fi
+
+# ---------------------------------------------------------------------------
+# Graceful shutdown of the server that every client above used
+# ---------------------------------------------------------------------------
+
+MAIN_RC=0
+stop_server main || MAIN_RC=$?
+
+main_shutdown() {
+  expect "$MAIN_RC" 0 "exit status"
+  expect "$(tail -n 1 "$WORK/main.out")" "Shutting down." "last line"
+}
+
+# Anything on a server's stderr is an uncaught error or a warning.
+quiet_stderr() {
+  local name
+  for name in main up1 up2; do
+    if [ -s "$WORK/$name.err" ]; then
+      echo "$name.err:"
+      head -n 20 "$WORK/$name.err"
+      return 1
+    fi
+  done
+}
+
+section "shutdown"
+check "SIGTERM: the server says 'Shutting down.' and exits 0" main_shutdown
+check "no server wrote to stderr" quiet_stderr
+
+echo
+echo "interop: $PASSED passed, $FAILED failed"
+[ "$FAILED" = 0 ]

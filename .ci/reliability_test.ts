@@ -1,0 +1,790 @@
+/**
+ * Reliability checks that need the server as a real process: the real
+ * SIGTERM/SIGINT, the connection cap counted from `/proc`, and memory held by
+ * 5,000 slow clients. `.ci/reliability.sh` runs this file (after `ulimit -n
+ * 20000`, which the 5,000-connection test needs) and then slowhttptest:
+ *
+ *   deno test --allow-net=127.0.0.1 --allow-run=bash .ci/reliability_test.ts
+ *
+ * Each test starts its own server from the repository root, as
+ * `bash -c 'exec deno run --allow-net main.ts --port 0 --quiet ...'`, and
+ * learns the port from the first stdout line. Why bash: `exec` keeps the PID,
+ * so the PID we hold is deno's own (no wrapper), and the same line can raise
+ * the server's open-files limit; and Deno grants `/proc/PID/...` reads only
+ * with `--allow-all`, so the few `/proc` reads go through bash as well. The
+ * flags then name what the file does (loopback network, bash); they are no
+ * sandbox, since bash may do anything.
+ *
+ * Black-box on purpose: nothing here imports main.ts. Every wait is bounded
+ * by {@linkcode within}, and every server and socket is closed in a
+ * `finally`, so a failing check cannot leave processes behind.
+ * @module
+ */
+
+import assert from "node:assert/strict";
+
+const ROOT = new URL("..", import.meta.url);
+/** The running deno binary itself, not whatever `deno` on PATH may wrap. */
+const DENO = Deno.execPath();
+const HOST = "127.0.0.1";
+const HELLO = "<h1>Hello!</h1>";
+const MIB = 1024 * 1024;
+
+// ---------------------------------------------------------------------------
+// Small helpers: time limits, delays
+// ---------------------------------------------------------------------------
+
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/**
+ * Resolves as `promise` does, or rejects with `what` after `ms`. The timer is
+ * always cleared (the sanitizers would catch a leaked one), and a late
+ * rejection of `promise` is swallowed rather than reported as unhandled.
+ */
+async function within<T>(promise: Promise<T>, ms: number, what: string) {
+  promise.catch(() => {});
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out: ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Runs a bash script (`$1`... are `args`) and returns its stdout. */
+async function bash(script: string, ...args: string[]): Promise<string> {
+  const { success, stdout, stderr } = await new Deno.Command("bash", {
+    args: ["-c", script, "bash", ...args],
+    stdin: "null",
+  }).output();
+  assert.ok(success, `bash -c '${script}' failed: ${decode(stderr)}`);
+  return decode(stdout);
+}
+
+function decode(bytes: Uint8Array): string {
+  return new TextDecoder().decode(bytes);
+}
+
+function seconds(ms: number): string {
+  return `${(ms / 1000).toFixed(2)} s`;
+}
+
+// ---------------------------------------------------------------------------
+// The server as a subprocess
+// ---------------------------------------------------------------------------
+
+interface Exit {
+  code: number;
+  signal: Deno.Signal | null;
+  /** `performance.now()` when the process was seen to exit. */
+  at: number;
+  /** Every stdout line, in order. */
+  lines: string[];
+  stderr: string;
+}
+
+class Server {
+  readonly lines: string[] = [];
+  stderr = "";
+  /** Settles once the process has exited and both pipes are drained. */
+  readonly exited: Promise<Exit>;
+  port = 0;
+  /** False once the process has exited. */
+  running = true;
+  readonly #firstLine: Promise<string>;
+
+  private constructor(readonly child: Deno.ChildProcess) {
+    const firstLine = Promise.withResolvers<string>();
+    const stdout = this.#readLines(child.stdout, firstLine.resolve);
+    const stderr = new Response(child.stderr).text()
+      .then((text) => this.stderr = text);
+    const status = child.status.then((status) => {
+      this.running = false;
+      return { ...status, at: performance.now() };
+    });
+    this.exited = Promise.all([status, stdout, stderr]).then(([status]) => ({
+      code: status.code,
+      signal: status.signal,
+      at: status.at,
+      lines: this.lines,
+      stderr: this.stderr,
+    }));
+    // If the process dies before printing anything, stop waiting for it.
+    this.exited.then(() => firstLine.resolve(""), () => firstLine.resolve(""));
+    this.#firstLine = firstLine.promise;
+  }
+
+  /** The deno process's PID: bash `exec`s into deno, keeping its PID. */
+  get pid(): number {
+    return this.child.pid;
+  }
+
+  /**
+   * Starts `main.ts` with `flags` and waits for its `Listening on` line.
+   * `fdLimit` raises the server's open-files limit first (`ulimit -n`).
+   */
+  static async start(
+    flags: string[],
+    { fdLimit }: { fdLimit?: number } = {},
+  ): Promise<Server> {
+    const args = [
+      "run",
+      "--allow-net",
+      "main.ts",
+      "--port",
+      "0",
+      "--quiet",
+      ...flags,
+    ];
+    const limit = fdLimit ? `ulimit -n ${fdLimit} && ` : "";
+    const command = new Deno.Command("bash", {
+      args: ["-c", `${limit}exec "$@"`, "bash", DENO, ...args],
+      cwd: ROOT,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    });
+    const server = new Server(command.spawn());
+    try {
+      const line = await within(server.#firstLine, 30_000, "server start");
+      const match = /^Listening on http:\/\/127\.0\.0\.1:(\d+)\/$/.exec(line);
+      assert.ok(match, `unexpected first line ${JSON.stringify(line)}`);
+      server.port = Number(match[1]);
+      return server;
+    } catch (error) {
+      await server.stop();
+      throw new Error(`server did not start: ${error}\n${server.stderr}`);
+    }
+  }
+
+  async #readLines(
+    stream: ReadableStream<Uint8Array>,
+    onFirst: (line: string) => void,
+  ): Promise<void> {
+    let rest = "";
+    for await (const text of stream.pipeThrough(new TextDecoderStream())) {
+      rest += text;
+      const parts = rest.split("\n");
+      rest = parts.pop()!;
+      for (const line of parts) {
+        this.lines.push(line);
+        if (this.lines.length === 1) onFirst(line);
+      }
+    }
+    if (rest) this.lines.push(rest);
+    if (this.lines.length > 0) onFirst(this.lines[0]);
+  }
+
+  signal(signal: Deno.Signal): void {
+    this.child.kill(signal);
+  }
+
+  /** Cleanup: kills the process if it still runs, then waits for it. */
+  async stop(): Promise<void> {
+    try {
+      this.child.kill("SIGKILL");
+    } catch { /* already exited */ }
+    await this.exited.catch(() => {});
+  }
+
+  /** `VmRSS` and `VmHWM` (peak RSS) from `/proc/PID/status`, in bytes. */
+  async memory(): Promise<{ rss: number; peak: number }> {
+    const status = await bash('cat "/proc/$1/status"', String(this.pid));
+    const field = (name: string) => {
+      const match = new RegExp(`^${name}:\\s+(\\d+) kB$`, "m").exec(status);
+      assert.ok(match, `${name} missing from /proc/${this.pid}/status`);
+      return Number(match[1]) * 1024;
+    };
+    return { rss: field("VmRSS"), peak: field("VmHWM") };
+  }
+
+  /**
+   * How many sockets the server process holds: its listener, deno's own
+   * internal ones, and every connection it has accepted. Connections still
+   * in the kernel's accept backlog are not the server's fds yet, so they are
+   * not counted. (Errors are for fds closed between listing and readlink.)
+   */
+  async sockets(): Promise<number> {
+    return Number(await bash(SOCKETS, String(this.pid)));
+  }
+}
+
+/** Counts the socket fds of process `$1`. */
+const SOCKETS = 'find "/proc/$1/fd" -lname "socket:*" 2>/dev/null | wc -l';
+
+// ---------------------------------------------------------------------------
+// A raw HTTP/1.1 client on one TCP connection
+// ---------------------------------------------------------------------------
+
+interface HttpResponse {
+  status: number;
+  /** Header names lowercased. */
+  headers: Map<string, string>;
+  body: string;
+}
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+class Client {
+  #buffer = new Uint8Array(0);
+  #closed = false;
+
+  private constructor(readonly conn: Deno.TcpConn) {}
+
+  static async open(port: number): Promise<Client> {
+    return new Client(await Deno.connect({ hostname: HOST, port }));
+  }
+
+  async send(text: string): Promise<void> {
+    const bytes = encoder.encode(text);
+    for (let sent = 0; sent < bytes.length;) {
+      sent += await this.conn.write(bytes.subarray(sent));
+    }
+  }
+
+  /** Reads more bytes into the buffer; false at end of stream. */
+  async #fill(): Promise<boolean> {
+    const chunk = new Uint8Array(64 * 1024);
+    const count = await this.conn.read(chunk);
+    if (count === null) return false;
+    const grown = new Uint8Array(this.#buffer.length + count);
+    grown.set(this.#buffer);
+    grown.set(chunk.subarray(0, count), this.#buffer.length);
+    this.#buffer = grown;
+    return true;
+  }
+
+  /**
+   * One complete response (head and a Content-Length body), or null when the
+   * server closed the connection before sending a single byte.
+   */
+  async response(): Promise<HttpResponse | null> {
+    let end: number;
+    while ((end = headEnd(this.#buffer)) < 0) {
+      if (!await this.#fill()) {
+        if (this.#buffer.length === 0) return null;
+        throw new Error(`EOF inside a response head: ${this.#text()}`);
+      }
+    }
+    const [statusLine, ...fields] = decoder.decode(
+      this.#buffer.subarray(0, end),
+    ).split("\r\n");
+    const status = /^HTTP\/1\.[01] (\d{3}) /.exec(statusLine);
+    assert.ok(status, `bad status line ${JSON.stringify(statusLine)}`);
+    const headers = new Map<string, string>();
+    for (const field of fields) {
+      const colon = field.indexOf(":");
+      headers.set(
+        field.slice(0, colon).trim().toLowerCase(),
+        field.slice(colon + 1).trim(),
+      );
+    }
+    const length = Number(headers.get("content-length"));
+    assert.ok(
+      Number.isInteger(length) && length >= 0,
+      `no usable Content-Length in ${JSON.stringify(statusLine)} response`,
+    );
+    const total = end + 4 + length;
+    while (this.#buffer.length < total) {
+      if (!await this.#fill()) {
+        throw new Error(
+          `EOF after ${this.#buffer.length - end - 4} of ${length} body bytes`,
+        );
+      }
+    }
+    const body = decoder.decode(this.#buffer.subarray(end + 4, total));
+    this.#buffer = this.#buffer.slice(total);
+    return { status: Number(status[1]), headers, body };
+  }
+
+  /**
+   * Waits for the server to end the connection and says how: an orderly
+   * `"eof"`, or a `"reset"`. Any byte received instead is an error.
+   */
+  async ended(): Promise<"eof" | "reset"> {
+    try {
+      if (this.#buffer.length === 0 && !await this.#fill()) return "eof";
+    } catch (error) {
+      if (error instanceof Deno.errors.ConnectionReset) return "reset";
+      throw error;
+    }
+    throw new Error(`unexpected bytes instead of a close: ${this.#text()}`);
+  }
+
+  #text(): string {
+    return JSON.stringify(decoder.decode(this.#buffer.subarray(0, 200)));
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    try {
+      this.conn.close();
+    } catch { /* already closed */ }
+  }
+}
+
+/** Index of the blank line ending a head (`\r\n\r\n`), or -1. */
+function headEnd(bytes: Uint8Array): number {
+  for (let i = 0; i + 3 < bytes.length; i++) {
+    if (
+      bytes[i] === 13 && bytes[i + 1] === 10 && bytes[i + 2] === 13 &&
+      bytes[i + 3] === 10
+    ) return i;
+  }
+  return -1;
+}
+
+/** True when a TCP connect to the port is refused (nothing listens). */
+async function refused(port: number): Promise<boolean> {
+  try {
+    (await Deno.connect({ hostname: HOST, port })).close();
+    return false;
+  } catch (error) {
+    if (error instanceof Deno.errors.ConnectionRefused) return true;
+    throw error;
+  }
+}
+
+/**
+ * Opens `count` connections, each sending `GET /sleep` and then waiting for
+ * its response and the close after it. `progress` counts responses as they
+ * arrive, so a test can tell whether any has been answered yet.
+ */
+async function sleepers(
+  port: number,
+  count: number,
+  clients: Client[],
+  progress = { answered: 0 },
+): Promise<Promise<{ response: HttpResponse | null; end: string }>[]> {
+  const opened = await Promise.all(
+    Array.from({ length: count }, async () => {
+      const client = await Client.open(port);
+      clients.push(client);
+      await client.send("GET /sleep HTTP/1.1\r\nHost: x\r\n\r\n");
+      return client;
+    }),
+  );
+  return opened.map(async (client) => {
+    let response: HttpResponse | null;
+    try {
+      response = await client.response();
+    } catch (error) {
+      if (error instanceof Deno.errors.ConnectionReset) {
+        return { response: null, end: "reset" };
+      }
+      throw error;
+    }
+    if (response) progress.answered++;
+    return { response, end: response ? await client.ended() : "eof" };
+  });
+}
+
+/** The cleanup every test shares: sockets first, then the server. */
+async function cleanup(
+  clients: Client[],
+  pending: Promise<unknown>[],
+  server?: Server,
+): Promise<void> {
+  for (const client of clients) client.close();
+  await Promise.allSettled(pending);
+  await server?.stop();
+}
+
+// ---------------------------------------------------------------------------
+// 1. Graceful shutdown on a real SIGTERM
+// ---------------------------------------------------------------------------
+
+Deno.test("SIGTERM: in-flight requests finish, idle ones close, exit 0", async () => {
+  const SLEEPERS = 20;
+  const IDLE = 5;
+  const server = await Server.start(["--sleep-delay", "2"]);
+  const clients: Client[] = [];
+  const pending: Promise<unknown>[] = [];
+  try {
+    // Keep-alive connections that were answered once and then left open.
+    const idle = await within(
+      Promise.all(Array.from({ length: IDLE }, async () => {
+        const client = await Client.open(server.port);
+        clients.push(client);
+        await client.send("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        const response = await client.response();
+        assert.equal(response?.status, 200);
+        assert.notEqual(response.headers.get("connection"), "close");
+        return client;
+      })),
+      10_000,
+      "idle connections' first responses",
+    );
+
+    const progress = { answered: 0 };
+    const answers = await within(
+      sleepers(server.port, SLEEPERS, clients, progress),
+      10_000,
+      "sending the /sleep requests",
+    );
+    pending.push(...answers);
+    // Give the server time to read all 20 requests before the signal.
+    await delay(200);
+    const signalled = performance.now();
+    server.signal("SIGTERM");
+
+    // Idle connections: closed by the server, without a byte of response.
+    const idleClosing = idle.map((client) => client.ended());
+    pending.push(...idleClosing);
+    const idleEnds = await within(
+      Promise.all(idleClosing),
+      1_000,
+      "idle keep-alive connections closed within 1 s of SIGTERM",
+    );
+    const idleClosedMs = performance.now() - signalled;
+
+    // New connections are refused while the sleepers are still being served.
+    assert.ok(
+      await refused(server.port),
+      "a new connection was accepted after SIGTERM",
+    );
+    assert.equal(
+      progress.answered,
+      0,
+      "a /sleep was answered before the refusal check; that check then " +
+        "proved nothing about accepting while busy (machine too slow?)",
+    );
+
+    const outcomes = await within(
+      Promise.all(answers),
+      10_000,
+      "the /sleep responses after SIGTERM",
+    );
+    const lastAnswered = performance.now() - signalled;
+    for (const [i, { response, end }] of outcomes.entries()) {
+      assert.ok(response, `sleeper ${i}: closed without a response`);
+      assert.equal(response.status, 200, `sleeper ${i}`);
+      assert.equal(response.headers.get("connection"), "close", `sleeper ${i}`);
+      assert.ok(response.body.includes(HELLO), `sleeper ${i}: body`);
+      assert.equal(end, "eof", `sleeper ${i}: not closed cleanly`);
+    }
+
+    const exit = await within(server.exited, 10_000, "server exit");
+    assert.equal(exit.code, 0, `exit code; stderr: ${exit.stderr}`);
+    assert.equal(exit.lines.at(-1), "Shutting down.", exit.lines.join("\n"));
+    console.log(
+      `graceful shutdown: ${outcomes.length}/${SLEEPERS} sleepers got 200 ` +
+        `with Connection: close (last ${seconds(lastAnswered)} after ` +
+        `SIGTERM); ${IDLE} idle connections closed (${idleEnds.join(",")}) ` +
+        `within ${idleClosedMs.toFixed(0)} ms; new connection refused; ` +
+        `"Shutting down.", exit ${exit.code} ` +
+        `${seconds(exit.at - signalled)} after SIGTERM`,
+    );
+  } finally {
+    await cleanup(clients, pending, server);
+  }
+});
+
+// ---------------------------------------------------------------------------
+// 2. A second SIGINT does not wait
+// ---------------------------------------------------------------------------
+
+Deno.test("SIGINT twice: exits at once, without waiting for /sleep", async () => {
+  const SLEEP = 5;
+  const server = await Server.start(["--sleep-delay", String(SLEEP)]);
+  const clients: Client[] = [];
+  const pending: Promise<unknown>[] = [];
+  try {
+    const progress = { answered: 0 };
+    const answers = await within(
+      sleepers(server.port, 5, clients, progress),
+      10_000,
+      "sending the /sleep requests",
+    );
+    pending.push(...answers);
+    await delay(200);
+    const first = performance.now();
+    server.signal("SIGINT");
+    // Send the second signal only once the first has visibly taken effect
+    // (the listener is closed); two signals sent back to back may be
+    // delivered to the process as one.
+    let closed = false;
+    for (let i = 0; i < 100 && !closed; i++) {
+      closed = await refused(server.port);
+      if (!closed) await delay(20);
+    }
+    assert.ok(closed, "still accepting 2 s after the first SIGINT");
+    // The first SIGINT alone must drain, not exit: the process is still up.
+    await delay(100);
+    assert.equal(server.running, true, "the first SIGINT ended the process");
+    server.signal("SIGINT");
+    const exit = await within(
+      server.exited,
+      3_000,
+      "exit within 3 s of a second SIGINT",
+    );
+    const elapsed = exit.at - first;
+    assert.ok(
+      elapsed < SLEEP * 1000 / 2,
+      `exited ${seconds(elapsed)} after the first SIGINT`,
+    );
+    assert.equal(progress.answered, 0, "a /sleep was answered: it waited");
+    const ends = (await within(Promise.all(answers), 2_000, "sleepers"))
+      .map(({ end }) => end);
+    console.log(
+      `second SIGINT: exited ${seconds(elapsed)} after the first SIGINT ` +
+        `(/sleep takes ${SLEEP} s) with code ${exit.code}` +
+        `${exit.signal ? ` signal ${exit.signal}` : ""}; 5 sleepers ` +
+        `unanswered (${ends.join(",")}); stdout tail ` +
+        JSON.stringify(exit.lines.slice(-2)),
+    );
+  } finally {
+    await cleanup(clients, pending, server);
+  }
+});
+
+// ---------------------------------------------------------------------------
+// 3. --shutdown-timeout bounds the wait for busy connections
+// ---------------------------------------------------------------------------
+
+Deno.test("--shutdown-timeout: busy connections are cut, exit 0", async () => {
+  const server = await Server.start([
+    "--sleep-delay",
+    "30",
+    "--shutdown-timeout",
+    "1",
+  ]);
+  const clients: Client[] = [];
+  const pending: Promise<unknown>[] = [];
+  try {
+    const answers = await within(
+      sleepers(server.port, 3, clients),
+      10_000,
+      "sending the /sleep requests",
+    );
+    pending.push(...answers);
+    await delay(200);
+    const signalled = performance.now();
+    server.signal("SIGTERM");
+    const exit = await within(server.exited, 10_000, "exit within 10 s");
+    const elapsed = exit.at - signalled;
+    assert.ok(elapsed >= 900, `exited after ${elapsed} ms: timeout not waited`);
+    assert.equal(exit.code, 0, `exit code; stderr: ${exit.stderr}`);
+    assert.equal(exit.lines.at(-1), "Shutting down.", exit.lines.join("\n"));
+    const forced = exit.lines.at(-2) ?? "";
+    assert.match(forced, /\b3\b/, `no forced-close count in ${forced}`);
+    assert.match(forced, /clos/i, `no forced-close line: ${forced}`);
+    const outcomes = await within(Promise.all(answers), 2_000, "sleepers");
+    for (const { response } of outcomes) {
+      assert.notEqual(response?.status, 200, "a 30 s /sleep was answered");
+    }
+    console.log(
+      `shutdown timeout: exit ${exit.code} ${seconds(elapsed)} after SIGTERM` +
+        ` (timeout 1 s, /sleep 30 s); 3 sleepers ` +
+        `${outcomes.map(({ end }) => end).join(",")}; last lines ` +
+        JSON.stringify(exit.lines.slice(-2)),
+    );
+  } finally {
+    await cleanup(clients, pending, server);
+  }
+});
+
+// ---------------------------------------------------------------------------
+// 4. --max-connections, counted from the server's own file descriptors
+// ---------------------------------------------------------------------------
+
+/**
+ * Samples a process's socket count every ~20 ms, from one long-lived bash
+ * loop rather than a process per sample: one line per sample on stdout. It
+ * stops when its stdin is closed (`read` then fails at once instead of timing
+ * out), or after 3,000 samples (at least a minute) whatever happens.
+ */
+class SocketSampler {
+  readonly #child: Deno.ChildProcess;
+  readonly #writer: WritableStreamDefaultWriter<Uint8Array>;
+  /** Every sample, once the loop has ended. */
+  readonly done: Promise<number[]>;
+
+  constructor(pid: number) {
+    this.#child = new Deno.Command("bash", {
+      args: [
+        "-c",
+        `for ((i = 0; i < 3000; i++)); do
+           ${SOCKETS}
+           read -r -t 0.02; (($? > 128)) || break
+         done`,
+        "bash",
+        String(pid),
+      ],
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "null",
+    }).spawn();
+    this.#writer = this.#child.stdin.getWriter();
+    this.done = Promise.all([
+      new Response(this.#child.stdout).text(),
+      this.#child.status,
+    ]).then(([text]) => text.trim().split("\n").map(Number));
+  }
+
+  /** Ends the loop and returns every sample. */
+  stop(): Promise<number[]> {
+    this.#writer.close().catch(() => {});
+    return this.done;
+  }
+}
+
+Deno.test("--max-connections 50: 200 clients served, never 51 at once", async () => {
+  const CAP = 50;
+  const CLIENTS = 200;
+  const server = await Server.start([
+    "--max-connections",
+    String(CAP),
+    "--sleep-delay",
+    "0.5",
+  ]);
+  const clients: Client[] = [];
+  const pending: Promise<unknown>[] = [];
+  let sampler: SocketSampler | undefined;
+  try {
+    // The listener and deno's own internal sockets.
+    const baseline = await server.sockets();
+    sampler = new SocketSampler(server.pid);
+    pending.push(sampler.done);
+
+    const started = performance.now();
+    const requests = Array.from({ length: CLIENTS }, async () => {
+      const client = await Client.open(server.port);
+      clients.push(client);
+      await client.send(
+        "GET /sleep HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+      );
+      const response = await client.response();
+      await client.ended();
+      return response?.status;
+    });
+    pending.push(...requests);
+    const statuses = await within(
+      Promise.all(requests),
+      60_000,
+      `${CLIENTS} /sleep responses`,
+    );
+    const elapsed = performance.now() - started;
+    const counts = await within(sampler.stop(), 5_000, "socket sampler");
+    const most = Math.max(...counts) - baseline;
+
+    const ok = statuses.filter((status) => status === 200).length;
+    assert.equal(ok, CLIENTS, `statuses: ${statuses.join(",")}`);
+    assert.ok(
+      most <= CAP,
+      `the server held ${most} accepted connections at once (cap ${CAP})`,
+    );
+    // A floor, so that a sampler that sees nothing cannot pass.
+    assert.ok(most >= CAP * 0.8, `sampler saw at most ${most} connections`);
+    console.log(
+      `connection cap: ${ok}/${CLIENTS} got 200 in ${seconds(elapsed)}; ` +
+        `server held at most ${most} accepted sockets at once ` +
+        `(cap ${CAP}, ${counts.length} samples of /proc/${server.pid}/fd)`,
+    );
+  } finally {
+    sampler?.stop();
+    await cleanup(clients, pending, server);
+  }
+});
+
+// ---------------------------------------------------------------------------
+// 5. Memory with 5,000 slow (never finished) request heads
+// ---------------------------------------------------------------------------
+
+/** This process's soft open-files limit, which a child bash inherits. */
+async function openFilesLimit(): Promise<number> {
+  const limit = (await bash("ulimit -Sn")).trim();
+  return limit === "unlimited" ? Infinity : Number(limit);
+}
+
+Deno.test("5,000 slow connections: RSS stays bounded, still serving", async () => {
+  const SLOW = 5000;
+  const BATCH = 250;
+  const LIMIT = 200 * MIB;
+  const limit = await openFilesLimit();
+  assert.ok(
+    limit >= SLOW + 500,
+    `open-files limit ${limit} is too low: run 'ulimit -n 20000' first`,
+  );
+  const server = await Server.start(["--header-timeout", "60"], {
+    fdLimit: 20000,
+  });
+  const clients: Client[] = [];
+  try {
+    // Warm up with a few ordinary requests, so the baseline is a server that
+    // has served, not one that has only started.
+    for (let i = 0; i < 3; i++) {
+      const client = await Client.open(server.port);
+      clients.push(client);
+      await client.send(
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+      );
+      assert.equal(
+        (await within(client.response(), 5_000, "GET /"))?.status,
+        200,
+      );
+    }
+    await delay(300);
+    const before = await server.memory();
+    const baseSockets = await server.sockets();
+
+    // A request head that is never finished: no blank line, ever.
+    const started = performance.now();
+    for (let opened = 0; opened < SLOW; opened += BATCH) {
+      await within(
+        Promise.all(Array.from({ length: BATCH }, async () => {
+          const client = await Client.open(server.port);
+          clients.push(client);
+          await client.send("GET / HTTP/1.1\r\nHost: x\r\n");
+        })),
+        30_000,
+        `opening slow connections ${opened}..${opened + BATCH}`,
+      );
+    }
+    // Wait until the server has accepted them all (not just the kernel).
+    let held = 0;
+    for (let i = 0; i < 150 && held < SLOW; i++) {
+      held = await server.sockets() - baseSockets;
+      if (held < SLOW) await delay(200);
+    }
+    assert.ok(held >= SLOW, `the server accepted only ${held} of ${SLOW}`);
+    const openedIn = performance.now() - started;
+    // Let it read every partial head, then take the largest of a few samples.
+    await delay(1000);
+    let rss = 0;
+    for (let i = 0; i < 5; i++) {
+      rss = Math.max(rss, (await server.memory()).rss);
+      await delay(200);
+    }
+
+    // Still serving while they are all held open.
+    const probe = await Client.open(server.port);
+    clients.push(probe);
+    await probe.send("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    const answer = await within(probe.response(), 5_000, "GET / under attack");
+    assert.equal(answer?.status, 200);
+
+    // VmHWM is updated lazily by the kernel and can trail a VmRSS sample.
+    const peak = Math.max((await server.memory()).peak, rss);
+    const each = (rss - before.rss) / SLOW / 1024;
+    console.log(
+      `rss: baseline ${(before.rss / MIB).toFixed(1)} MiB, ${SLOW} slow ` +
+        `connections ${(rss / MIB).toFixed(1)} MiB (${each.toFixed(1)} KiB ` +
+        `each); peak (VmHWM) ${(peak / MIB).toFixed(1)} MiB; ${held} held, ` +
+        `opened in ${seconds(openedIn)}; GET / still 200`,
+    );
+    assert.ok(
+      peak < LIMIT,
+      `peak RSS ${(peak / MIB).toFixed(1)} MiB over ${LIMIT / MIB} MiB`,
+    );
+  } finally {
+    await cleanup(clients, [], server);
+  }
+});

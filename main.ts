@@ -139,6 +139,9 @@ export interface ParseLimits {
 
 /** An idle connection's read buffer: small, because every idle connection holds one. */
 const IDLE_BUFFER = 256;
+/** Read buffers of closed connections, reused: allocating them is not free. */
+const SPARE_BUFFERS: Uint8Array[] = [];
+const MAX_SPARE_BUFFERS = 256;
 /** The most a connection buffers while reading a body. */
 const BODY_BUFFER = 64 * 1024;
 /** Responses queued past this many bytes are written before more requests are parsed. */
@@ -151,6 +154,8 @@ const LINGER_TIME = 2;
 const SHUTDOWN_GRACE = 1;
 /** Access log lines buffered before a write is forced. */
 const LOG_BATCH = 512;
+/** Access log lines held while stdout is blocked, before lines are dropped. */
+const MAX_LOG_BACKLOG = 100_000;
 
 // ---------------------------------------------------------------------------
 // serve(): the book's `main` — bind, accept, hand each stream to a handler
@@ -278,7 +283,7 @@ class ServerState {
     }
     clearInterval(this.#ticker);
     clearTimeout(this.#forceTimer);
-    await this.log?.flush();
+    await this.log?.close();
   }
 
   /** The pool's `Drop`: stop accepting, close the idle, wait for the busy. */
@@ -314,6 +319,10 @@ class ServerState {
 
   forget(connection: Connection): void {
     connection.close();
+    if (
+      connection.buffer.length === IDLE_BUFFER &&
+      SPARE_BUFFERS.length < MAX_SPARE_BUFFERS
+    ) SPARE_BUFFERS.push(connection.buffer);
     this.connections.delete(connection);
     if (this.connections.size < this.limits.maxConnections) {
       this.#slotFree?.();
@@ -351,13 +360,15 @@ class Connection {
   deadline: number;
   /** When the request head being read began; 0 between requests. */
   headStarted: number;
-  buffer = new Uint8Array(IDLE_BUFFER);
+  buffer = SPARE_BUFFERS.pop() ?? new Uint8Array(IDLE_BUFFER);
   /** The unparsed bytes are `buffer[start, end)`. */
   start = 0;
   end = 0;
   /** The size of the last read, and whether it filled all the room it had. */
   lastRead = 0;
   filled = false;
+  /** Kept alive past its first response. */
+  kept = false;
   /** Responses parsed from one read, written together. */
   pending: Uint8Array[] = [];
   pendingBytes = 0;
@@ -414,7 +425,6 @@ async function handleConnection(
   const { limits } = server;
   const request = connection.request;
   try {
-    connection.stream.setNoDelay(true);
     while (true) {
       const consumed = parseRequest(
         connection.buffer,
@@ -486,6 +496,13 @@ async function handleConnection(
           await linger(server, connection);
         }
         return;
+      }
+      if (!connection.kept) {
+        // Nagle's algorithm only delays connections that stay open (a
+        // response written after another waits for its ACK); one that closes
+        // after its reply flushes at once, and saves the system call.
+        connection.kept = true;
+        connection.stream.setNoDelay(true);
       }
       connection.state = IDLE;
       if (connection.pendingBytes >= MAX_BATCH) {
@@ -1508,10 +1525,17 @@ function clock(now: number): { date: string; log: string } {
 // The access log: Common Log Format, buffered
 // ---------------------------------------------------------------------------
 
-/** Collects log lines and writes them in batches, in order. */
+/**
+ * Collects log lines and writes them in batches, one write at a time. If
+ * stdout blocks, lines wait in memory up to a bound, then are counted and
+ * dropped: a stuck log must not take the server down with it.
+ */
 class AccessLog {
   #lines: string[] = [];
-  #written: Promise<void> = Promise.resolve();
+  #writing: Promise<void> | null = null;
+  #dropped = 0;
+  /** The last line and what it was made of: a repeat costs no allocation. */
+  #last = { text: "", remote: "", time: "", line: "", status: 0, sent: 0 };
 
   constructor(
     readonly sink: true | ((lines: string) => void),
@@ -1525,24 +1549,52 @@ class AccessLog {
     status: number,
     sent: number,
   ): void {
-    this.#lines.push(
-      `${connection.remote()} - - [${clock(this.server.now).log}] "${line}" ` +
-        `${status} ${sent || "-"}\n`,
-    );
+    if (this.#lines.length >= MAX_LOG_BACKLOG) {
+      this.#dropped++;
+      return;
+    }
+    const remote = connection.remote();
+    const time = clock(this.server.now).log;
+    const last = this.#last;
+    if (
+      remote !== last.remote || time !== last.time || line !== last.line ||
+      status !== last.status || sent !== last.sent
+    ) {
+      this.#last = {
+        text: `${remote} - - [${time}] "${line}" ${status} ${sent || "-"}\n`,
+        remote,
+        time,
+        line,
+        status,
+        sent,
+      };
+    }
+    this.#lines.push(this.#last.text);
     if (this.#lines.length >= LOG_BATCH) this.flush();
   }
 
-  flush(): Promise<void> {
-    if (this.#lines.length > 0) {
-      const text = this.#lines.join("");
-      this.#lines = [];
-      if (this.sink === true) {
-        this.#written = this.#written.then(() => writeStdout(text));
-      } else {
-        this.sink(text);
-      }
+  /** Starts writing what is buffered, unless a write is under way. */
+  flush(): void {
+    if (this.#writing || this.#lines.length === 0) return;
+    let text = this.#lines.join("");
+    this.#lines = [];
+    if (this.#dropped > 0) {
+      text += `(access log: ${this.#dropped} lines dropped, stdout blocked)\n`;
+      this.#dropped = 0;
     }
-    return this.#written;
+    if (this.sink !== true) return this.sink(text);
+    this.#writing = writeStdout(text).then(() => {
+      this.#writing = null;
+      if (this.#lines.length >= LOG_BATCH) this.flush();
+    });
+  }
+
+  /** Writes everything still buffered. */
+  async close(): Promise<void> {
+    while (this.#writing || this.#lines.length > 0) {
+      this.flush();
+      await this.#writing;
+    }
   }
 }
 

@@ -869,8 +869,23 @@ function summarize(results: Results, mode: Mode, name: string): Summary {
   };
 }
 
-function ratio(a: number, b: number): string {
-  return Number.isFinite(a / b) ? `${(a / b).toFixed(2)}×` : "–";
+/**
+ * The median over rounds of `name`'s req/s divided by `base`'s in the same
+ * round: the two ran back to back, so a round's noise mostly cancels.
+ */
+function pairedRatio(
+  results: Results,
+  mode: Mode,
+  name: string,
+  base: string,
+): number {
+  const a = results.get(`${mode}|${name}`) ?? [];
+  const b = results.get(`${mode}|${base}`) ?? [];
+  return median(a.map((sample, i) => sample.rps / (b[i]?.rps ?? NaN)));
+}
+
+function ratio(value: number): string {
+  return Number.isFinite(value) ? `${value.toFixed(2)}×` : "–";
 }
 
 interface Target {
@@ -889,16 +904,16 @@ function throughputTable(
     "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
   ];
   for (const mode of MODES) {
-    const anchor = summarize(results, mode, ANCHOR);
-    const parallel = summarize(results, mode, parallelName(options.workers));
     for (const contender of list.filter((c) => c.modes.includes(mode))) {
       const s = summarize(results, mode, contender.name);
       const base = contender.name === workersName(options.workers)
-        ? parallel
+        ? parallelName(options.workers)
         : contender.name === OURS_LOG
-        ? summarize(results, mode, OURS)
-        : anchor;
-      const shown = contender.name === ANCHOR ? "–" : ratio(s.rps, base.rps);
+        ? OURS
+        : ANCHOR;
+      const shown = contender.name === ANCHOR
+        ? "–"
+        : ratio(pairedRatio(results, mode, contender.name, base));
       lines.push(
         `| ${mode} | ${contender.name} | ${fmtInt(s.rps)} | ` +
           `${fmtMs(s.p99)} | ${s.errors} | ${shown} | ${fmtPercent(s.cpu)} ` +
@@ -926,10 +941,9 @@ function memoryTable(memory: Map<string, Memory>): string[] {
 function targets(results: Results, memory: Map<string, Memory>): Target[] {
   const ours = (mode: Mode) => summarize(results, mode, OURS);
   const anchor = (mode: Mode) => summarize(results, mode, ANCHOR);
-  const times = (mode: Mode) => ours(mode).rps / anchor(mode).rps;
+  const times = (mode: Mode) => pairedRatio(results, mode, OURS, ANCHOR);
   const kib = memory.get(OURS)?.kibPerConnection ?? NaN;
-  const log = summarize(results, "keep-alive", OURS_LOG).rps /
-    ours("keep-alive").rps;
+  const log = pairedRatio(results, "keep-alive", OURS_LOG, OURS);
   let oursErrors = 0;
   for (const [key, samples] of results) {
     if (!key.split("|")[1].startsWith(OURS)) continue;
@@ -994,7 +1008,9 @@ function report(
     `${options.duration} s per run, ${options.rounds} rounds, servers ` +
     `alternated; pipelined = ${PIPELINE_DEPTH} requests per write`,
     `- medians over rounds of req/s, p99, server CPU (% of one core) and ` +
-    `req/s per core of server CPU; errors summed; wrk times a pipelined ` +
+    `req/s per core of server CPU; "÷ base" is the median over rounds of ` +
+    `the ratio within each round (the two ran back to back); errors ` +
+    `summed; wrk times a pipelined ` +
     `batch as one request and often prints no percentile for it (n/a)`,
     `- base = the anchor, \`Deno.serve\` with the same routes and hello ` +
     `page; for "ours (log)" (access log into a pipe the bench drains) it ` +

@@ -1060,6 +1060,12 @@ function parseChunkSize(
   return q + 2 - start;
 }
 
+/** RFC 9112 §7.1: chunk data is followed by CRLF, nothing else. */
+function parseDataEnd(buf: Uint8Array, start: number, end: number): number {
+  if (end - start < 2) return INCOMPLETE;
+  return buf[start] === CR && buf[start + 1] === LF ? 2 : -400;
+}
+
 /** RFC 9112 §7.1.2: the trailer section after the last chunk, checked and dropped. */
 function parseTrailers(
   buf: Uint8Array,
@@ -1222,30 +1228,23 @@ async function readChunked(
   server: ServerState,
   connection: Connection,
 ): Promise<Uint8Array | number | null> {
-  const { maxBody } = server.limits;
+  const { limits } = server;
   const request = connection.request;
   let body = new Uint8Array(1024);
   let length = 0;
   while (true) {
-    let consumed: number;
-    while (
-      (consumed = parseChunkSize(
-        connection.buffer,
-        connection.start,
-        connection.end,
-        request,
-        maxBody - length,
-      )) === INCOMPLETE
-    ) {
-      if (!await fillBody(server, connection)) return null;
-    }
-    if (consumed < 0) return -consumed;
-    connection.start += consumed;
+    const sizeLine = await parseBuffered(
+      server,
+      connection,
+      (buf, start, end) =>
+        parseChunkSize(buf, start, end, request, limits.maxBody - length),
+    );
+    if (sizeLine !== 0) return sizeLine;
     let remaining = request.chunkSize;
     if (remaining === 0) break;
     if (length + remaining > body.length) {
       const larger = new Uint8Array(
-        Math.min(maxBody, Math.max(length + remaining, body.length * 2)),
+        Math.min(limits.maxBody, Math.max(length + remaining, body.length * 2)),
       );
       larger.set(body.subarray(0, length));
       body = larger;
@@ -1263,30 +1262,38 @@ async function readChunked(
       connection.start += take;
       remaining -= take;
     }
-    // RFC 9112 §7.1: chunk data is followed by CRLF, nothing else.
-    while (connection.end - connection.start < 2) {
-      if (!await fillBody(server, connection)) return null;
-    }
-    if (
-      connection.buffer[connection.start] !== CR ||
-      connection.buffer[connection.start + 1] !== LF
-    ) return 400;
-    connection.start += 2;
+    const dataEnd = await parseBuffered(server, connection, parseDataEnd);
+    if (dataEnd !== 0) return dataEnd;
   }
+  const trailers = await parseBuffered(
+    server,
+    connection,
+    (buf, start, end) => parseTrailers(buf, start, end, limits),
+  );
+  if (trailers !== 0) return trailers;
+  return body.subarray(0, length);
+}
+
+/**
+ * Runs one of the parsers over the buffered body bytes, reading more while
+ * it answers INCOMPLETE, and consumes what it parsed.
+ * @returns 0 once parsed, the error status, or null at end of stream.
+ */
+async function parseBuffered(
+  server: ServerState,
+  connection: Connection,
+  parse: (buf: Uint8Array, start: number, end: number) => number,
+): Promise<number | null> {
   let consumed: number;
   while (
-    (consumed = parseTrailers(
-      connection.buffer,
-      connection.start,
-      connection.end,
-      server.limits,
-    )) === INCOMPLETE
+    (consumed = parse(connection.buffer, connection.start, connection.end)) ===
+      INCOMPLETE
   ) {
     if (!await fillBody(server, connection)) return null;
   }
   if (consumed < 0) return -consumed;
   connection.start += consumed;
-  return body.subarray(0, length);
+  return 0;
 }
 
 // ---------------------------------------------------------------------------

@@ -214,7 +214,7 @@ export function serve(options: ServeOptions = {}): Server {
     addr: listener.addr,
     finished: server.finished,
     get connections() {
-      return server.connections.size;
+      return server.connections.length;
     },
     get forced() {
       return server.forced;
@@ -225,7 +225,8 @@ export function serve(options: ServeOptions = {}): Server {
 
 /** The server's side of things: its listener, live connections, clock and log. */
 class ServerState {
-  readonly connections = new Set<Connection>();
+  /** Live connections; each knows its index, so removal is a swap. */
+  readonly connections: Connection[] = [];
   readonly finished: Promise<void>;
   closing = false;
   forced = 0;
@@ -262,9 +263,9 @@ class ServerState {
       try {
         for await (const stream of this.listener) {
           const connection = new Connection(stream, this.now);
-          this.connections.add(connection);
+          connection.index = this.connections.push(connection) - 1;
           handleConnection(this, connection);
-          if (this.connections.size >= this.limits.maxConnections) {
+          if (this.connections.length >= this.limits.maxConnections) {
             // At the cap, stop accepting: new clients wait in the kernel's
             // backlog instead of being accepted and dropped.
             await new Promise<void>((resolve) => this.#slotFree = resolve);
@@ -278,7 +279,7 @@ class ServerState {
         await new Promise((resolve) => setTimeout(resolve, 100));
       }
     }
-    if (this.connections.size > 0) {
+    if (this.connections.length > 0) {
       await new Promise<void>((resolve) => this.#drained = resolve);
     }
     clearInterval(this.#ticker);
@@ -323,12 +324,16 @@ class ServerState {
       connection.buffer.length === IDLE_BUFFER &&
       SPARE_BUFFERS.length < MAX_SPARE_BUFFERS
     ) SPARE_BUFFERS.push(connection.buffer);
-    this.connections.delete(connection);
-    if (this.connections.size < this.limits.maxConnections) {
+    const last = this.connections.pop()!;
+    if (last !== connection) {
+      this.connections[connection.index] = last;
+      last.index = connection.index;
+    }
+    if (this.connections.length < this.limits.maxConnections) {
       this.#slotFree?.();
       this.#slotFree = null;
     }
-    if (this.closing && this.connections.size === 0) this.#drained?.();
+    if (this.closing && this.connections.length === 0) this.#drained?.();
   }
 
   /** Advances the clock and enforces every connection's deadline. */
@@ -367,6 +372,8 @@ class Connection {
   /** The size of the last read, and whether it filled all the room it had. */
   lastRead = 0;
   filled = false;
+  /** Where it stands in the server's list of connections. */
+  index = 0;
   /** Kept alive past its first response. */
   kept = false;
   /** Responses parsed from one read, written together. */

@@ -379,7 +379,7 @@ class Connection {
   /** Responses parsed from one read, written together. */
   pending: Uint8Array[] = [];
   pendingBytes = 0;
-  readonly request = new Request();
+  readonly request = new RequestHead();
   closed = false;
   #remote = "";
   #wake: (() => void) | null = null;
@@ -527,7 +527,7 @@ async function handleConnection(
 }
 
 /** Go's `shouldKeepAlive`: RFC 9112 §9.3 persistence rules. */
-function shouldKeepAlive(request: Request): boolean {
+function shouldKeepAlive(request: RequestHead): boolean {
   if (request.close) return false;
   return request.minor >= 1 || request.keepAlive;
 }
@@ -664,7 +664,7 @@ export const INCOMPLETE = 0;
  * A parsed request head: offsets into the buffer it was parsed from, and the
  * facts the server acts on. One per connection, reused for every request.
  */
-export class Request {
+export class RequestHead {
   /** Where the method begins in the buffer. */
   methodStart = 0;
   /** Where the method ends. */
@@ -761,7 +761,7 @@ export function parseRequest(
   buf: Uint8Array,
   start: number,
   end: number,
-  request: Request,
+  request: RequestHead,
   limits: ParseLimits = DEFAULTS,
 ): number {
   request.reset();
@@ -823,7 +823,7 @@ function oversizeStatus(
 function parseRequestLine(
   buf: Uint8Array,
   p: number,
-  request: Request,
+  request: RequestHead,
   limits: Pick<Limits, "maxTarget">,
 ): number {
   const methodStart = p;
@@ -867,7 +867,7 @@ function parseTarget(
   start: number,
   end: number,
   query: number,
-  request: Request,
+  request: RequestHead,
 ): number {
   const pathEnd = query < 0 ? end : query;
   if (buf[start] === SLASH) {
@@ -902,7 +902,7 @@ function parseTarget(
 function parseFields(
   buf: Uint8Array,
   p: number,
-  request: Request | null,
+  request: RequestHead | null,
   limits: Pick<Limits, "maxFields">,
 ): number {
   let count = 0;
@@ -946,7 +946,7 @@ function recordField(
   nameEnd: number,
   valueStart: number,
   valueEnd: number,
-  request: Request,
+  request: RequestHead,
 ): number {
   switch (nameEnd - nameStart) {
     case 4:
@@ -989,7 +989,7 @@ function recordContentLength(
   buf: Uint8Array,
   start: number,
   end: number,
-  request: Request,
+  request: RequestHead,
 ): number {
   if (start === end) return 400;
   let length = 0;
@@ -1008,7 +1008,7 @@ function recordContentLength(
 
 /** RFC 9112 §6.3: one unambiguous way to find where the body ends. */
 function checkFraming(
-  request: Request,
+  request: RequestHead,
   limits: Pick<Limits, "maxBody">,
 ): number {
   // RFC 9112 §3.2: HTTP/1.1 needs exactly one Host; 1.0 at most one.
@@ -1041,7 +1041,7 @@ function parseChunkSize(
   buf: Uint8Array,
   start: number,
   end: number,
-  request: Request,
+  request: RequestHead,
   room: number,
 ): number {
   let p = start;
@@ -1164,7 +1164,7 @@ let lastLine = "-";
  * one before (a client asks for the same thing again), so that string is
  * reused when the bytes match, and a busy log allocates no line at all.
  */
-function requestLine(buf: Uint8Array, request: Request): string {
+function requestLine(buf: Uint8Array, request: RequestHead): string {
   const { methodStart: start, lineEnd: end } = request;
   if (end === 0) return "-";
   if (end - start === lastLine.length) {

@@ -8,7 +8,7 @@ import {
   INCOMPLETE,
   NOT_FOUND_PAGE,
   parseRequest,
-  Request,
+  RequestHead,
   serve,
   type ServeOptions,
   type Server,
@@ -819,7 +819,7 @@ Deno.test("serve() sends 100 Continue before reading an expected body", async ()
 
 Deno.test("parseRequest() reports incomplete heads, then the bytes consumed", () => {
   const bytes = latin1(GET + "GET /next");
-  const request = new Request();
+  const request = new RequestHead();
   for (let end = 0; end < GET.length; end++) {
     assert.equal(parseRequest(bytes, 0, end, request), INCOMPLETE);
   }
@@ -834,7 +834,7 @@ Deno.test("parseRequest() reports incomplete heads, then the bytes consumed", ()
 });
 
 Deno.test("parseRequest() returns minus the status for bad input", () => {
-  const request = new Request();
+  const request = new RequestHead();
   const parse = (text: string) =>
     parseRequest(latin1(text), 0, text.length, request);
   assert.equal(parse("GET / HTTP/1.1\r\n\r\n"), -400);

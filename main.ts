@@ -16,6 +16,13 @@
  * deno run --allow-net main.ts --port 7878
  * ```
  *
+ * Flags (`--help` lists them with their defaults): `--hostname H`,
+ * `--port N` (0 for any free port), `--quiet` (no access log),
+ * `--header-timeout S`, `--idle-timeout S`, `--body-timeout S`,
+ * `--shutdown-timeout S`, `--max-connections N`, `--max-body BYTES`,
+ * `--sleep-delay S`, `--workers N|auto` (needs `--allow-read` and
+ * `--unstable-net`), `--version`. SIGINT or SIGTERM shuts down gracefully.
+ *
  * Or use it from code:
  *
  * ```ts

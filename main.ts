@@ -674,8 +674,6 @@ export const INCOMPLETE = 0;
 export class RequestHead {
   /** Where the method begins in the buffer. */
   methodStart = 0;
-  /** Where the method ends. */
-  methodEnd = 0;
   /** Where the request line ends (before its CRLF); 0 until it has parsed. */
   lineEnd = 0;
   /** One of {@linkcode METHODS}, or null for a method we do not know. */
@@ -837,7 +835,6 @@ function parseRequestLine(
   while (TOKEN[buf[p]]) p++;
   if (p === methodStart || buf[p] !== SP) return -400;
   request.methodStart = methodStart;
-  request.methodEnd = p;
   request.method = intern(buf, methodStart, p++, METHODS);
   const targetStart = p;
   let query = -1;
@@ -887,7 +884,8 @@ function parseTarget(
     return request.method === "OPTIONS" ? 0 : 400;
   }
   let p = start;
-  if (!(TOKEN[buf[p]] && SCHEME[buf[p]] && buf[p] >= 0x41)) return 400;
+  const letter = buf[p] | 0x20;
+  if (letter < 0x61 || letter > 0x7a) return 400; // a scheme starts with ALPHA
   while (SCHEME[buf[p]]) p++;
   if (buf[p] !== COLON || buf[p + 1] !== SLASH || buf[p + 2] !== SLASH) {
     return 400;

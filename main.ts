@@ -460,13 +460,11 @@ async function handleConnection(
           connection.deadline = connection.headStarted +
             limits.headerTimeout * 1000;
         }
-        makeRoom(connection, limits.maxHead);
-        const room = connection.buffer.subarray(connection.end);
-        const count = await connection.stream.read(room);
-        if (count === null || connection.state === LINGER) return;
-        connection.end += count;
-        connection.lastRead = count;
-        connection.filled = count === room.length;
+        // fill(), inline: the hot path awaits the read itself, no wrapper.
+        const room = makeRoom(connection, limits.maxHead);
+        if (!received(connection, room, await connection.stream.read(room))) {
+          return;
+        }
         continue;
       }
       connection.headStarted = 0;
@@ -544,8 +542,9 @@ function shouldKeepAlive(request: RequestHead): boolean {
  * when all is consumed, compacts it when full, and grows it (up to `max`)
  * when the last read filled all the room it had — more is waiting, and one
  * read should take in a whole pipelined batch.
+ * @returns The room to read into.
  */
-function makeRoom(connection: Connection, max: number): void {
+function makeRoom(connection: Connection, max: number): Uint8Array {
   const { buffer, start, end } = connection;
   const full = end === buffer.length;
   const size = connection.filled || (full && start === 0)
@@ -559,11 +558,12 @@ function makeRoom(connection: Connection, max: number): void {
     // The parsers reject a head or chunk line before it needs more than `max`.
     if (start === 0) throw new Error("read buffer limit");
     buffer.copyWithin(0, start, end);
-  } else if (start !== end) {
-    return;
   }
-  connection.start = 0;
-  connection.end = end - start;
+  if (size > buffer.length || full || start === end) {
+    connection.start = 0;
+    connection.end = end - start;
+  }
+  return connection.buffer.subarray(connection.end);
 }
 
 /**
@@ -571,9 +571,19 @@ function makeRoom(connection: Connection, max: number): void {
  * @returns false at end of stream, or when a timeout has ended the connection.
  */
 async function fill(connection: Connection, max: number): Promise<boolean> {
-  makeRoom(connection, max);
-  const room = connection.buffer.subarray(connection.end);
-  const count = await connection.stream.read(room);
+  const room = makeRoom(connection, max);
+  return received(connection, room, await connection.stream.read(room));
+}
+
+/**
+ * Takes in what a read into `room` returned.
+ * @returns false at end of stream, or when a timeout has ended the connection.
+ */
+function received(
+  connection: Connection,
+  room: Uint8Array,
+  count: number | null,
+): boolean {
   if (count === null || connection.state === LINGER) return false;
   connection.end += count;
   connection.lastRead = count;

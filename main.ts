@@ -1802,10 +1802,22 @@ async function main(args: string[] = Deno.args): Promise<void> {
 }
 
 async function serveHere(options: ServeOptions): Promise<number> {
-  const server = serve({
-    ...options,
-    onListen: (addr) => console.log(listeningLine(addr)),
-  });
+  let server: Server;
+  try {
+    server = serve({
+      ...options,
+      onListen: (addr) => console.log(listeningLine(addr)),
+    });
+  } catch (error) {
+    // A port in use or an address that is not this machine's: the user's to
+    // fix, so one line that names it rather than a stack trace.
+    const host = options.hostname ?? DEFAULTS.hostname;
+    const port = options.port ?? DEFAULTS.port;
+    console.error(
+      `error: cannot listen on ${host}:${port}: ${(error as Error).message}`,
+    );
+    Deno.exit(1);
+  }
   onSignal(() => server.shutdown());
   await server.finished;
   return server.forced;

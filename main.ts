@@ -1809,18 +1809,27 @@ async function serveHere(options: ServeOptions): Promise<number> {
       onListen: (addr) => console.log(listeningLine(addr)),
     });
   } catch (error) {
-    // A port in use or an address that is not this machine's: the user's to
-    // fix, so one line that names it rather than a stack trace.
-    const host = options.hostname ?? DEFAULTS.hostname;
-    const port = options.port ?? DEFAULTS.port;
-    console.error(
-      `error: cannot listen on ${host}:${port}: ${(error as Error).message}`,
-    );
-    Deno.exit(1);
+    cannotListen(options, options.port, (error as Error).message);
   }
   onSignal(() => server.shutdown());
   await server.finished;
   return server.forced;
+}
+
+/**
+ * A port in use or an address that is not this machine's is the user's to
+ * fix: one line that names it, rather than a stack trace, and exit 1.
+ */
+function cannotListen(
+  options: ServeOptions,
+  port: number | undefined,
+  message: string,
+): never {
+  const host = options.hostname ?? DEFAULTS.hostname;
+  console.error(
+    `error: cannot listen on ${host}:${port ?? DEFAULTS.port}: ${message}`,
+  );
+  Deno.exit(1);
 }
 
 // ---------------------------------------------------------------------------
@@ -1829,6 +1838,7 @@ async function serveHere(options: ServeOptions): Promise<number> {
 
 type WorkerMessage =
   | { port: number }
+  | { cannotListen: string }
   | { lines: string }
   | { forced: number };
 
@@ -1869,7 +1879,9 @@ async function serveWithWorkers(
       };
       worker.onmessage = ({ data }: MessageEvent<WorkerMessage>) => {
         if ("port" in data) listening({ worker, port: data.port });
-        else if ("lines" in data) writeStdout(data.lines);
+        else if ("cannotListen" in data) {
+          cannotListen(options, port ?? options.port, data.cannotListen);
+        } else if ("lines" in data) writeStdout(data.lines);
         else {
           forced += data.forced;
           if (++finished === count) allFinished();
@@ -1915,13 +1927,18 @@ function workerMain(): void {
       return;
     }
     const options = data as ServeOptions;
-    server = serve({
-      ...options,
-      accessLog: options.accessLog
-        ? (lines) => scope.postMessage({ lines })
-        : false,
-      onListen: (addr) => scope.postMessage({ port: addr.port }),
-    });
+    try {
+      server = serve({
+        ...options,
+        accessLog: options.accessLog
+          ? (lines) => scope.postMessage({ lines })
+          : false,
+        onListen: (addr) => scope.postMessage({ port: addr.port }),
+      });
+    } catch (error) {
+      scope.postMessage({ cannotListen: (error as Error).message });
+      return;
+    }
     server.finished.then(() => scope.postMessage({ forced: server!.forced }));
   };
 }

@@ -368,8 +368,10 @@ async function refused(port: number): Promise<boolean> {
 
 /**
  * Opens `count` connections, each sending `GET /sleep` and then waiting for
- * its response and the close after it. `progress` counts responses as they
- * arrive, so a test can tell whether any has been answered yet.
+ * its response and the close after it. Returns once every request is sent and
+ * the server has had 200 ms to read them all, so that a signal sent next
+ * finds them in flight. `progress` counts responses as they arrive, so a
+ * test can tell whether any has been answered yet.
  */
 async function sleepers(
   port: number,
@@ -377,14 +379,19 @@ async function sleepers(
   clients: Client[],
   progress = { answered: 0 },
 ): Promise<Promise<{ response: HttpResponse | null; end: string }>[]> {
-  const opened = await Promise.all(
-    Array.from({ length: count }, async () => {
-      const client = await Client.open(port);
-      clients.push(client);
-      await client.send("GET /sleep HTTP/1.1\r\nHost: x\r\n\r\n");
-      return client;
-    }),
+  const opened = await within(
+    Promise.all(
+      Array.from({ length: count }, async () => {
+        const client = await Client.open(port);
+        clients.push(client);
+        await client.send("GET /sleep HTTP/1.1\r\nHost: x\r\n\r\n");
+        return client;
+      }),
+    ),
+    10_000,
+    "sending the /sleep requests",
   );
+  await delay(200);
   return opened.map(async (client) => {
     let response: HttpResponse | null;
     try {
@@ -438,14 +445,8 @@ Deno.test("SIGTERM: in-flight requests finish, idle ones close, exit 0", async (
     );
 
     const progress = { answered: 0 };
-    const answers = await within(
-      sleepers(server.port, SLEEPERS, clients, progress),
-      10_000,
-      "sending the /sleep requests",
-    );
+    const answers = await sleepers(server.port, SLEEPERS, clients, progress);
     pending.push(...answers);
-    // Give the server time to read all 20 requests before the signal.
-    await delay(200);
     const signalled = performance.now();
     server.signal("SIGTERM");
 
@@ -512,13 +513,8 @@ Deno.test("SIGINT twice: exits at once, without waiting for /sleep", async () =>
   const pending: Promise<unknown>[] = [];
   try {
     const progress = { answered: 0 };
-    const answers = await within(
-      sleepers(server.port, 5, clients, progress),
-      10_000,
-      "sending the /sleep requests",
-    );
+    const answers = await sleepers(server.port, 5, clients, progress);
     pending.push(...answers);
-    await delay(200);
     const first = performance.now();
     server.signal("SIGINT");
     // Send the second signal only once the first has visibly taken effect
@@ -573,13 +569,8 @@ Deno.test("--shutdown-timeout: busy connections are cut, exit 0", async () => {
   const clients: Client[] = [];
   const pending: Promise<unknown>[] = [];
   try {
-    const answers = await within(
-      sleepers(server.port, 3, clients),
-      10_000,
-      "sending the /sleep requests",
-    );
+    const answers = await sleepers(server.port, 3, clients);
     pending.push(...answers);
-    await delay(200);
     const signalled = performance.now();
     server.signal("SIGTERM");
     const exit = await within(server.exited, 10_000, "exit within 10 s");

@@ -75,6 +75,26 @@ export const NOT_FOUND_PAGE = `<!DOCTYPE html>
 // Limits and defaults
 // ---------------------------------------------------------------------------
 
+/**
+ * A user's application, as `Deno.serve` takes it: a request in, a response
+ * out. Its errors become {@linkcode ServeOptions.onError}'s response.
+ */
+export type ServeHandler = (
+  request: Request,
+  info: ServeHandlerInfo,
+) => Response | Promise<Response>;
+
+/** What a {@linkcode ServeHandler} learns besides the request. */
+export interface ServeHandlerInfo {
+  /** The client's address. */
+  readonly remoteAddr: Deno.NetAddr;
+  /**
+   * Resolves when the response has been written in full; rejects when it
+   * could not be (the client went away, a timeout, a failing body stream).
+   */
+  readonly completed: Promise<void>;
+}
+
 /** Options of {@linkcode serve}. Durations are in seconds. */
 export interface ServeOptions {
   /** The address to listen on. @default {"127.0.0.1"} */
@@ -113,6 +133,17 @@ export interface ServeOptions {
   maxFields?: number;
   /** Let several listeners share the port (Linux; needs `--unstable-net`). @default {false} */
   reusePort?: boolean;
+  /**
+   * The response for a handler that throws, rejects or returns no
+   * `Response`. @default {a plain 500 that says nothing of the error}
+   */
+  onError?: (error: unknown) => Response | Promise<Response>;
+}
+
+/** {@linkcode ServeOptions} with the handler among them. */
+export interface ServeInit extends ServeOptions {
+  /** The application; without one, the book's routes are served. */
+  handler?: ServeHandler;
 }
 
 const DEFAULTS = {
@@ -149,12 +180,19 @@ const IDLE_BUFFER = 256;
 /** Read buffers of closed connections, reused: allocating them is not free. */
 const SPARE_BUFFERS: Uint8Array[] = [];
 const MAX_SPARE_BUFFERS = 256;
+const EMPTY = new Uint8Array(0);
 /** The most a connection buffers while reading a body. */
 const BODY_BUFFER = 64 * 1024;
 /** Responses queued past this many bytes are written before more requests are parsed. */
 const MAX_BATCH = 64 * 1024;
 /** The longest chunk-size line, extensions included (RFC 9112 §7.1.1 leaves it open). */
 const MAX_CHUNK_LINE = 4096;
+/**
+ * A request body the handler left unread is read and dropped up to this many
+ * bytes, so that the next request on the connection starts where it should;
+ * past it, closing is cheaper (Go's net/http draws the line at 256 KiB too).
+ */
+const MAX_DISCARD = 256 * 1024;
 /** After an error reply, how long the server drains what the client still sends. */
 const LINGER_TIME = 2;
 /** On shutdown, how long a new connection may still send its first request. */
@@ -169,7 +207,7 @@ const MAX_LOG_BACKLOG = 100_000;
 // ---------------------------------------------------------------------------
 
 /** A running server, shaped like the result of `Deno.serve`. */
-export interface Server {
+export interface Server extends AsyncDisposable {
   /** The address the server listens on. */
   readonly addr: Deno.NetAddr;
   /** Settles when the server has shut down and every connection is closed. */
@@ -181,18 +219,23 @@ export interface Server {
   /**
    * Stops accepting, closes idle connections, lets requests in progress
    * finish (their responses say `Connection: close`), and closes what is
-   * still busy after the shutdown timeout.
+   * still busy after the shutdown timeout, aborting its requests' signals.
    * @returns {@linkcode Server.finished}
    */
   shutdown(): Promise<void>;
+  /** Keeps the process alive while the server listens (the default). */
+  ref(): void;
+  /** Lets the process exit even though the server still listens. */
+  unref(): void;
 }
 
 /**
- * Starts the web server.
+ * Starts the web server: `Deno.serve`'s three call forms, on our own
+ * HTTP/1.1 core. Without a handler it serves the book's routes.
  *
- * @param options Where to listen, the limits and the timeouts.
+ * @param init Where to listen, the limits, the timeouts and the handler.
  * @returns The running server.
- * @example Serve on a free port, then stop
+ * @example Serve the book's pages on a free port, then stop
  * ```ts
  * import { serve } from "./main.ts";
  * const server = serve({ port: 0, accessLog: false });
@@ -200,8 +243,38 @@ export interface Server {
  * console.log(await response.text());
  * await server.shutdown();
  * ```
+ * @example Serve an application, as with `Deno.serve`
+ * ```ts
+ * import { serve } from "./main.ts";
+ * const server = serve({ port: 0, accessLog: false }, (request) => {
+ *   return new Response(`You asked for ${new URL(request.url).pathname}`);
+ * });
+ * await server.shutdown();
+ * ```
  */
-export function serve(options: ServeOptions = {}): Server {
+export function serve(init?: ServeInit): Server;
+/**
+ * Starts the web server with a handler and the default options.
+ * @param handler The application.
+ * @returns The running server.
+ */
+export function serve(handler: ServeHandler): Server;
+/**
+ * Starts the web server with options and a handler.
+ * @param options Where to listen, the limits and the timeouts.
+ * @param handler The application.
+ * @returns The running server.
+ */
+export function serve(options: ServeOptions, handler: ServeHandler): Server;
+export function serve(
+  first: ServeInit | ServeHandler = {},
+  second?: ServeHandler,
+): Server {
+  const options: ServeInit = typeof first === "function"
+    ? { handler: first }
+    : second
+    ? { ...first, handler: second }
+    : first;
   const limits = { ...DEFAULTS };
   for (const key of Object.keys(DEFAULTS) as (keyof Limits)[]) {
     const value = options[key];
@@ -212,7 +285,7 @@ export function serve(options: ServeOptions = {}): Server {
     port: limits.port,
     ...(options.reusePort ? { reusePort: true } : {}),
   });
-  const server = new ServerState(listener, limits, options.accessLog ?? true);
+  const server = new ServerState(listener, limits, options);
   options.signal?.addEventListener("abort", () => server.shutdown(), {
     once: true,
   });
@@ -227,6 +300,9 @@ export function serve(options: ServeOptions = {}): Server {
       return server.forced;
     },
     shutdown: () => server.shutdown(),
+    ref: () => server.ref(true),
+    unref: () => server.ref(false),
+    [Symbol.asyncDispose]: () => server.shutdown(),
   };
 }
 
@@ -241,6 +317,9 @@ class ServerState {
   now = Date.now();
   readonly cache = new ResponseCache();
   readonly log: AccessLog | null;
+  /** The application; null for the book's routes. */
+  readonly handler: ServeHandler | null;
+  readonly onError: ((error: unknown) => Response | Promise<Response>) | null;
   #slotFree: (() => void) | null = null;
   #drained: (() => void) | null = null;
   #ticker: ReturnType<typeof setInterval>;
@@ -249,9 +328,12 @@ class ServerState {
   constructor(
     readonly listener: Deno.TcpListener,
     readonly limits: Limits,
-    accessLog: boolean | ((lines: string) => void),
+    options: ServeInit,
   ) {
-    this.log = accessLog === false ? null : new AccessLog(accessLog, this);
+    const accessLog = options.accessLog ?? true;
+    this.log = accessLog === false ? null : new AccessLog(accessLog);
+    this.handler = options.handler ?? null;
+    this.onError = options.onError ?? null;
     // One timer for every deadline of every connection, rather than a timer
     // per read: a quarter of the shortest timeout, at most 250 ms.
     const shortest = Math.min(
@@ -343,6 +425,17 @@ class ServerState {
     if (this.closing && this.connections.length === 0) this.#drained?.();
   }
 
+  /** Whether the listener and the ticker keep the process alive. */
+  ref(keep: boolean): void {
+    if (keep) {
+      this.listener.ref();
+      Deno.refTimer(this.#ticker);
+    } else {
+      this.listener.unref();
+      Deno.unrefTimer(this.#ticker);
+    }
+  }
+
   /** Advances the clock and enforces every connection's deadline. */
   tick(): void {
     this.now = Date.now();
@@ -361,7 +454,7 @@ class ServerState {
 const HEAD = 0; // reading a request head (or waiting for a first one)
 const IDLE = 1; // kept alive between requests
 const BODY = 2; // reading a request body
-const BUSY = 3; // handling a request (`/sleep`): no deadline
+const BUSY = 3; // handling a request (`/sleep`, a handler): no deadline
 const WRITE = 4; // writing responses
 const LINGER = 5; // closing after an error: draining what the client sends
 
@@ -376,19 +469,32 @@ class Connection {
   /** The unparsed bytes are `buffer[start, end)`. */
   start = 0;
   end = 0;
-  /** The size of the last read, and whether it filled all the room it had. */
+  /** The room the last read was given, its size, and whether it filled it. */
+  room: Uint8Array = EMPTY;
   lastRead = 0;
   filled = false;
+  /**
+   * A read started while a handler runs, so that a client that hangs up is
+   * noticed; the loop takes its result as its own next read.
+   */
+  watch: Promise<number | null> | null = null;
   /** Where it stands in the server's list of connections. */
   index = 0;
   /** Kept alive past its first response. */
   kept = false;
+  /** The last reply refused the request: what follows it cannot be trusted. */
+  refused = false;
+  /** A handler's response is on its way: a timeout can only close. */
+  responding = false;
   /** Responses parsed from one read, written together. */
   pending: Uint8Array[] = [];
   pendingBytes = 0;
   readonly request = new RequestHead();
   closed = false;
-  #remote = "";
+  #remote: Deno.NetAddr | null = null;
+  #abort: AbortController | null = null;
+  #closing: Promise<void> | null = null;
+  #closed: (() => void) | null = null;
   #wake: (() => void) | null = null;
   #sleeper: ReturnType<typeof setTimeout> | undefined;
 
@@ -397,14 +503,24 @@ class Connection {
     this.deadline = now;
   }
 
-  /** The client's address, for the access log. */
-  remote(): string {
-    return this.#remote ||= (this.stream.remoteAddr as Deno.NetAddr).hostname;
+  /** The client's address. */
+  get remoteAddr(): Deno.NetAddr {
+    return this.#remote ??= this.stream.remoteAddr as Deno.NetAddr;
   }
 
   /** Nothing of the current request has arrived yet. */
   isSilent(): boolean {
     return this.start === this.end;
+  }
+
+  /** The signal of every request handled on this connection. */
+  get signal(): AbortSignal {
+    return (this.#abort ??= new AbortController()).signal;
+  }
+
+  /** The client left, or a timeout or the shutdown ended the connection. */
+  hangUp(): void {
+    if (this.#abort?.signal.aborted === false) this.#abort.abort();
   }
 
   /** Waits `ms`, unless the connection is closed first. */
@@ -415,11 +531,21 @@ class Connection {
     });
   }
 
+  /** Settles when the connection closes. */
+  whenClosed(): Promise<void> {
+    return this.#closing ??= new Promise((resolve) => {
+      this.#closed = resolve;
+      if (this.closed) resolve();
+    });
+  }
+
   close(): void {
     if (this.closed) return;
     this.closed = true;
     clearTimeout(this.#sleeper);
     this.#wake?.();
+    this.#closed?.();
+    this.hangUp();
     try {
       this.stream.close();
     } catch { /* already closed by the peer's reset */ }
@@ -427,10 +553,10 @@ class Connection {
 }
 
 /**
- * Serves one connection: read → parse → route → write → keep alive?, repeated.
- * Pipelined requests already buffered are answered before reading again, and
- * their responses leave in one write. Never throws: a client that vanishes
- * or resets only ends its own connection.
+ * Serves one connection: read → parse → application → write → keep alive?,
+ * repeated. Pipelined requests already buffered are answered before reading
+ * again, and their responses leave in one write. Never throws: a client that
+ * vanishes or resets only ends its own connection.
  */
 async function handleConnection(
   server: ServerState,
@@ -453,7 +579,7 @@ async function handleConnection(
           if (server.closing) return;
           connection.state = IDLE;
           connection.deadline = server.now + limits.idleTimeout * 1000;
-          shrink(connection);
+          if (!connection.watch) shrink(connection);
         } else {
           connection.headStarted ||= server.now;
           connection.state = HEAD;
@@ -461,50 +587,26 @@ async function handleConnection(
             limits.headerTimeout * 1000;
         }
         // fill(), inline: the hot path awaits the read itself, no wrapper.
-        const room = makeRoom(connection, limits.maxHead);
-        if (!received(connection, room, await connection.stream.read(room))) {
-          return;
-        }
+        const count = await (connection.watch ??
+          connection.stream.read(makeRoom(connection, limits.maxHead)));
+        connection.watch = null;
+        if (!received(connection, count)) return;
         continue;
       }
+      // Common Log Format logs when the request began, not when it ended.
+      const began = connection.headStarted || server.now;
       connection.headStarted = 0;
       const line = server.log ? requestLine(connection.buffer, request) : "";
-      let reply: Reply | null;
-      if (consumed < 0) {
-        reply = errorReply(-consumed);
-      } else {
-        connection.start += consumed;
-        reply = request.chunked || request.contentLength > 0
-          ? await readAndRoute(server, connection)
-          : route(request.method, request.path, EMPTY);
-        if (reply === null) return;
-      }
-      if (reply.delayed) {
-        if (connection.pendingBytes > 0) await flush(server, connection);
-        connection.state = BUSY;
-        connection.deadline = Infinity;
-        await connection.sleep(limits.sleepDelay * 1000);
-        if (connection.closed) return;
-      }
-      const keepAlive = reply.status < 400 && !server.closing &&
-        shouldKeepAlive(request);
-      // A request that failed to parse is no HEAD request we can trust.
-      const headOnly = consumed > 0 && request.method === "HEAD";
-      queue(
-        connection,
-        responseBytes(server, reply, headOnly, keepAlive, request.minor),
-      );
-      server.log?.write(
-        connection,
-        line,
-        reply.status,
-        headOnly ? 0 : reply.contents.length,
-      );
+      if (consumed > 0) connection.start += consumed;
+      const keepAlive = consumed > 0 && server.handler && request.path !== "*"
+        ? await respond(server, connection, line, began)
+        : await answer(server, connection, consumed, line, began);
+      if (keepAlive === null || connection.closed) return;
       if (!keepAlive) {
         await flush(server, connection);
-        // Every error ends the connection; unread bytes behind it must not
-        // turn our close into a reset that destroys the reply in flight.
-        if (reply.status >= 400 || connection.start < connection.end) {
+        // Unread bytes behind a refusal must not turn our close into a reset
+        // that destroys the reply in flight.
+        if (connection.refused || connection.start < connection.end) {
           await linger(server, connection);
         }
         return;
@@ -563,7 +665,7 @@ function makeRoom(connection: Connection, max: number): Uint8Array {
     connection.start = 0;
     connection.end = end - start;
   }
-  return connection.buffer.subarray(connection.end);
+  return connection.room = connection.buffer.subarray(connection.end);
 }
 
 /**
@@ -571,24 +673,39 @@ function makeRoom(connection: Connection, max: number): Uint8Array {
  * @returns false at end of stream, or when a timeout has ended the connection.
  */
 async function fill(connection: Connection, max: number): Promise<boolean> {
-  const room = makeRoom(connection, max);
-  return received(connection, room, await connection.stream.read(room));
+  return received(
+    connection,
+    await connection.stream.read(makeRoom(connection, max)),
+  );
 }
 
 /**
- * Takes in what a read into `room` returned.
+ * Takes in what a read into the connection's room returned.
  * @returns false at end of stream, or when a timeout has ended the connection.
  */
-function received(
-  connection: Connection,
-  room: Uint8Array,
-  count: number | null,
-): boolean {
+function received(connection: Connection, count: number | null): boolean {
   if (count === null || connection.state === LINGER) return false;
   connection.end += count;
   connection.lastRead = count;
-  connection.filled = count === room.length;
+  connection.filled = count === connection.room.length;
   return true;
+}
+
+/**
+ * Starts the connection's next read while a handler runs, so that a client
+ * that hangs up aborts `request.signal` (Go's background read does the
+ * same). Only when nothing is buffered: pipelined requests wait their turn.
+ */
+function watch(server: ServerState, connection: Connection): void {
+  if (connection.watch || connection.start !== connection.end) return;
+  const room = makeRoom(connection, server.limits.maxHead);
+  connection.watch = connection.stream.read(room).then((count) => {
+    if (count === null) connection.hangUp();
+    return count;
+  }, () => {
+    connection.hangUp();
+    return null;
+  });
 }
 
 /** An idle connection keeps only a small buffer, unless reads are large. */
@@ -609,6 +726,7 @@ function queue(connection: Connection, bytes: Uint8Array): void {
 /** Writes every queued response in one write; stalls are cut by the ticker. */
 async function flush(server: ServerState, connection: Connection) {
   const { pending } = connection;
+  if (pending.length === 0) return;
   let bytes = pending[0];
   if (pending.length > 1) {
     bytes = new Uint8Array(connection.pendingBytes);
@@ -643,6 +761,8 @@ async function linger(server: ServerState, connection: Connection) {
 }
 
 async function drain(connection: Connection): Promise<void> {
+  if (connection.watch && await connection.watch === null) return;
+  connection.watch = null;
   const scratch = connection.buffer.length >= 4096
     ? connection.buffer
     : new Uint8Array(4096);
@@ -651,8 +771,8 @@ async function drain(connection: Connection): Promise<void> {
 
 /** The ticker's verdict on a connection whose deadline passed. */
 function expire(server: ServerState, connection: Connection): void {
-  const started = connection.state === BODY ||
-    (connection.state === HEAD && !connection.isSilent());
+  const started = !connection.responding && (connection.state === BODY ||
+    (connection.state === HEAD && !connection.isSilent()));
   if (!started) {
     // Idle, silent since it opened, stuck writing, or done lingering.
     connection.close();
@@ -663,8 +783,15 @@ function expire(server: ServerState, connection: Connection): void {
   // the loop, when its read returns, drains until the client closes.
   connection.state = LINGER;
   connection.deadline = server.now + LINGER_TIME * 1000;
+  connection.hangUp();
   const reply = errorReply(408);
-  server.log?.write(connection, "-", reply.status, reply.contents.length);
+  server.log?.write(
+    connection,
+    "-",
+    reply.status,
+    reply.contents.length,
+    server.now,
+  );
   connection.stream.write(responseBytes(server, reply, false, false, 1))
     .then(() => connection.stream.closeWrite())
     .catch(() => connection.close());
@@ -682,8 +809,18 @@ export const INCOMPLETE = 0;
  * facts the server acts on. One per connection, reused for every request.
  */
 export class RequestHead {
-  /** Where the method begins in the buffer. */
+  /** Where the method begins and ends in the buffer. */
   methodStart = 0;
+  methodEnd = 0;
+  /** Where the request-target begins and ends. */
+  targetStart = 0;
+  targetEnd = 0;
+  /** Where the Host field's value begins and ends; both 0 without one. */
+  hostStart = 0;
+  hostEnd = 0;
+  /** Each field line as four offsets: name start and end, value start and end. */
+  fields = new Int32Array(4 * DEFAULTS.maxFields);
+  fieldCount = 0;
   /** Where the request line ends (before its CRLF); 0 until it has parsed. */
   lineEnd = 0;
   /** One of {@linkcode METHODS}, or null for a method we do not know. */
@@ -715,7 +852,12 @@ export class RequestHead {
 
   /** Forgets the previous request's facts before parsing the next. */
   reset(): void {
-    this.lineEnd = this.hosts = 0;
+    this.method = null;
+    this.lineEnd =
+      this.hosts =
+      this.hostEnd =
+      this.fieldCount =
+        0;
     this.minor = 1;
     this.contentLength = -1;
     this.transferEncoding = this.chunked = false;
@@ -733,6 +875,9 @@ const SLASH = 0x2f;
 const QUESTION = 0x3f;
 const SEMICOLON = 0x3b;
 const COMMA = 0x2c;
+const EQUALS = 0x3d;
+const DQUOTE = 0x22;
+const BACKSLASH = 0x5c;
 
 function byteTable(ranges: [number, number][], chars = ""): Uint8Array {
   const table = new Uint8Array(256);
@@ -745,16 +890,24 @@ const DIGIT: [number, number] = [0x30, 0x39];
 const ALPHA: [number, number][] = [[0x41, 0x5a], [0x61, 0x7a]];
 /** RFC 9110 §5.6.2 `tchar`. */
 const TOKEN = byteTable([DIGIT, ...ALPHA], "!#$%&'*+-.^_`|~");
-/** Request-target bytes: visible ASCII (RFC 3986 characters, leniently). */
-const TARGET = byteTable([[0x21, 0x7e]]);
+/**
+ * Request-target bytes: visible ASCII (RFC 3986 characters, leniently), but
+ * no `#`: a fragment is never sent (RFC 9112 §3.2.1).
+ */
+const TARGET = byteTable([[0x21, 0x22], [0x24, 0x7e]]);
 /** RFC 9110 §5.5 field-value bytes: VCHAR, obs-text, SP, HTAB. */
 const FIELD_VALUE = byteTable([[0x21, 0x7e], [0x80, 0xff]], " \t");
 /** RFC 3986 §3.2 `host [":" port]`: reg-name, IP-literal and port bytes. */
 const HOST = byteTable([DIGIT, ...ALPHA], "-._~%!$&'()*+,;=:[]");
 /** RFC 3986 §3.1 scheme bytes after the first letter. */
 const SCHEME = byteTable([DIGIT, ...ALPHA], "+-.");
-/** Chunk extension bytes (RFC 9112 §7.1.1), checked loosely, bounded in length. */
-const CHUNK_EXT = byteTable([[0x21, 0x7e], [0x80, 0xff]], " \t");
+/** RFC 9110 §5.6.4 `qdtext`: what a quoted-string holds unescaped. */
+const QDTEXT = byteTable([[0x21, 0x21], [0x23, 0x5b], [0x5d, 0x7e], [
+  0x80,
+  0xff,
+]], " \t");
+/** RFC 9110 §5.6.4: what may follow a backslash in a quoted-string. */
+const QUOTABLE = byteTable([[0x21, 0x7e], [0x80, 0xff]], " \t");
 const HEX = new Int8Array(256).fill(-1);
 for (let i = 0; i < 16; i++) {
   HEX["0123456789abcdef".charCodeAt(i)] = i;
@@ -845,6 +998,7 @@ function parseRequestLine(
   while (TOKEN[buf[p]]) p++;
   if (p === methodStart || buf[p] !== SP) return -400;
   request.methodStart = methodStart;
+  request.methodEnd = p;
   request.method = intern(buf, methodStart, p++, METHODS);
   const targetStart = p;
   let query = -1;
@@ -855,6 +1009,8 @@ function parseRequestLine(
   if (p - targetStart > limits.maxTarget) return -414;
   if (p === targetStart || buf[p] !== SP) return -400;
   const targetEnd = p++;
+  request.targetStart = targetStart;
+  request.targetEnd = targetEnd;
   // HTTP-version = "HTTP/" DIGIT "." DIGIT, case-sensitive (RFC 9112 §2.3).
   if (
     buf[p] !== 0x48 || buf[p + 1] !== 0x54 || buf[p + 2] !== 0x54 ||
@@ -939,6 +1095,17 @@ function parseFields(
       (buf[valueEnd - 1] === SP || buf[valueEnd - 1] === HTAB)
     ) valueEnd--;
     if (request) {
+      const at = 4 * request.fieldCount++;
+      if (at === request.fields.length) {
+        const more = new Int32Array(2 * at);
+        more.set(request.fields);
+        request.fields = more;
+      }
+      const fields = request.fields;
+      fields[at] = nameStart;
+      fields[at + 1] = nameEnd;
+      fields[at + 2] = valueStart;
+      fields[at + 3] = valueEnd;
       const status = recordField(
         buf,
         nameStart,
@@ -967,6 +1134,8 @@ function recordField(
     case 4:
       if (!nameIs(buf, nameStart, "host")) return 0;
       request.hosts++;
+      request.hostStart = valueStart;
+      request.hostEnd = valueEnd;
       for (let i = valueStart; i < valueEnd; i++) if (!HOST[buf[i]]) return 400;
       return 0;
     case 6:
@@ -1033,10 +1202,10 @@ function checkFraming(
     if (request.contentLength >= 0) return 400;
     // §6.1: a 1.0 request with Transfer-Encoding is faulty framing.
     if (request.minor === 0) return 400;
-    // Chunked twice or not last (§6.1), or an empty list: the end is unknown.
-    if (request.codingOrder) return 400;
-    if (!request.chunked && !request.otherCoding) return 400;
-    // Codings we do not decode (§6.1): 501, as RFC 9112 §6.1 suggests.
+    // Chunked twice or not last (§6.1), or not there at all: the end of the
+    // body is unknown, and §6.3 item 4 makes that a 400.
+    if (request.codingOrder || !request.chunked) return 400;
+    // Codings we do not decode before the chunked one (§6.1): 501.
     if (request.otherCoding) return 501;
   }
   if (request.contentLength > limits.maxBody) return 413;
@@ -1066,20 +1235,72 @@ function parseChunkSize(
     if (size > room) return -413;
   }
   if (p === start && p < end) return -400;
-  // chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] ): after the size,
-  // only whitespace leading to ";", then anything visible, bounded.
-  let q = p;
-  while (q < end && (buf[q] === SP || buf[q] === HTAB)) q++;
-  if (q < end && buf[q] === SEMICOLON) {
-    while (q < end && CHUNK_EXT[buf[q]]) q++;
-  } else if (q > p && q < end) {
-    return -400;
-  }
-  if (q - start > MAX_CHUNK_LINE) return -400;
-  if (q + 1 >= end) return INCOMPLETE;
+  const q = skipChunkExtensions(buf, p, end);
+  if (q === -400) return q;
+  if ((q < 0 ? end : q) - start > MAX_CHUNK_LINE) return -400;
+  if (q < 0 || q + 1 >= end) return INCOMPLETE;
   if (buf[q] !== CR || buf[q + 1] !== LF) return -400;
   request.chunkSize = size;
   return q + 2 - start;
+}
+
+/**
+ * RFC 9112 §7.1.1: `chunk-ext = *( BWS ";" BWS chunk-ext-name
+ * [ BWS "=" BWS chunk-ext-val ] )`, a name being a token and a value a token
+ * or a quoted-string.
+ * @returns Where the extensions end, -1 when more bytes are needed, or -400.
+ */
+function skipChunkExtensions(buf: Uint8Array, p: number, end: number): number {
+  while (true) {
+    const before = p;
+    p = skipWhitespace(buf, p, end);
+    if (p === end) return -1;
+    // Whitespace is only allowed on the way to a ";".
+    if (buf[p] !== SEMICOLON) return before;
+    p = skipWhitespace(buf, p + 1, end);
+    const name = p;
+    while (p < end && TOKEN[buf[p]]) p++;
+    if (p === end) return -1;
+    if (p === name) return -400;
+    const equals = skipWhitespace(buf, p, end);
+    if (equals === end) return -1;
+    if (buf[equals] !== EQUALS) continue;
+    p = skipWhitespace(buf, equals + 1, end);
+    if (p === end) return -1;
+    if (buf[p] === DQUOTE) {
+      p = skipQuotedString(buf, p, end);
+      if (p < 0) return p;
+    } else {
+      const value = p;
+      while (p < end && TOKEN[buf[p]]) p++;
+      if (p === end) return -1;
+      if (p === value) return -400;
+    }
+  }
+}
+
+/** RFC 9110 §5.6.3 BWS. */
+function skipWhitespace(buf: Uint8Array, p: number, end: number): number {
+  while (p < end && (buf[p] === SP || buf[p] === HTAB)) p++;
+  return p;
+}
+
+/**
+ * RFC 9110 §5.6.4: `DQUOTE *( qdtext / quoted-pair ) DQUOTE`, from the
+ * opening quote at `p`.
+ * @returns The offset past the closing quote, -1 for more, or -400.
+ */
+function skipQuotedString(buf: Uint8Array, p: number, end: number): number {
+  for (p++; p < end; p++) {
+    if (buf[p] === DQUOTE) return p + 1;
+    if (buf[p] === BACKSLASH) {
+      if (++p === end) return -1;
+      if (!QUOTABLE[buf[p]]) return -400;
+    } else if (!QDTEXT[buf[p]]) {
+      return -400;
+    }
+  }
+  return -1;
 }
 
 /** RFC 9112 §7.1: chunk data is followed by CRLF, nothing else. */
@@ -1172,6 +1393,7 @@ function intern(
   return null;
 }
 
+let lastReceived = "";
 let lastLine = "-";
 
 /**
@@ -1182,21 +1404,34 @@ let lastLine = "-";
 function requestLine(buf: Uint8Array, request: RequestHead): string {
   const { methodStart: start, lineEnd: end } = request;
   if (end === 0) return "-";
-  if (end - start === lastLine.length) {
+  const last = lastReceived;
+  if (end - start === last.length) {
     let i = 0;
-    while (i < lastLine.length && buf[start + i] === lastLine.charCodeAt(i)) {
-      i++;
-    }
-    if (i === lastLine.length) return lastLine;
+    while (i < last.length && buf[start + i] === last.charCodeAt(i)) i++;
+    if (i === last.length) return lastLine;
   }
-  return lastLine = latin1(buf, start, end);
+  lastReceived = latin1(buf, start, end);
+  return lastLine = escapeForLog(lastReceived);
+}
+
+/**
+ * `"` and `\` as `\"` and `\\`, control bytes as `\xHH` (as nginx logs them),
+ * so that a request line cannot break the line it is logged in.
+ */
+function escapeForLog(text: string): string {
+  return text.replace(
+    // deno-lint-ignore no-control-regex -- control bytes are what it seeks
+    /["\\\x00-\x1f\x7f-\xff]/g,
+    (char) =>
+      char === '"' || char === "\\"
+        ? `\\${char}`
+        : `\\x${char.charCodeAt(0).toString(16).padStart(2, "0")}`,
+  );
 }
 
 // ---------------------------------------------------------------------------
 // Request bodies (RFC 9112 §6): Content-Length or chunked, strict and bounded
 // ---------------------------------------------------------------------------
-
-const EMPTY = new Uint8Array(0);
 
 /** Reads into the buffer while a body is expected; a stall is the ticker's. */
 function fillBody(server: ServerState, connection: Connection) {
@@ -1206,94 +1441,96 @@ function fillBody(server: ServerState, connection: Connection) {
 }
 
 /**
- * Reads the body the parsed head announced.
- * @returns the body, an error status, or null if the client went away.
+ * Reads the body the parsed head announced, piece by piece as it arrives:
+ * a Content-Length's worth of bytes, or chunks up to the last one and the
+ * trailers (RFC 9112 §6.3, §7.1). The book's `/echo` and a handler's
+ * `request.body` both take their bytes from here.
  */
-function readBody(
-  server: ServerState,
-  connection: Connection,
-): Promise<Uint8Array | number | null> {
-  return connection.request.chunked
-    ? readChunked(server, connection)
-    : readFixed(server, connection, connection.request.contentLength);
-}
+class BodyReader {
+  /** Bytes delivered so far. */
+  total = 0;
+  /** The whole body has been read. */
+  done: boolean;
+  /** Why the body failed: its status (400, 413), or -1 if the client left. */
+  failed = 0;
+  /** Bytes of the Content-Length or of the current chunk still to come. */
+  #left: number;
+  /** A chunk's data has been read, and its CRLF is next. */
+  #afterData = false;
 
-async function readFixed(
-  server: ServerState,
-  connection: Connection,
-  length: number,
-): Promise<Uint8Array | null> {
-  // Grown as bytes arrive, so a head announcing a large body costs nothing
-  // until the body actually comes.
-  let body = new Uint8Array(Math.min(length, BODY_BUFFER));
-  let received = Math.min(length, connection.end - connection.start);
-  body.set(
-    connection.buffer.subarray(connection.start, connection.start + received),
-  );
-  connection.start += received;
-  while (received < length) {
-    if (received === body.length) {
-      const larger = new Uint8Array(Math.min(length, body.length * 2));
-      larger.set(body);
-      body = larger;
-    }
-    connection.state = BODY;
-    connection.deadline = server.now + server.limits.bodyTimeout * 1000;
-    const count = await connection.stream.read(body.subarray(received));
-    if (count === null || connection.state === LINGER) return null;
-    received += count;
+  constructor(readonly server: ServerState, readonly connection: Connection) {
+    const { chunked, contentLength } = connection.request;
+    this.#left = chunked ? 0 : Math.max(contentLength, 0);
+    this.done = !chunked && this.#left === 0;
   }
-  return body;
-}
 
-async function readChunked(
-  server: ServerState,
-  connection: Connection,
-): Promise<Uint8Array | number | null> {
-  const { limits } = server;
-  const request = connection.request;
-  let body = new Uint8Array(1024);
-  let length = 0;
-  while (true) {
-    const sizeLine = await parseBuffered(
+  /**
+   * The next piece of the body: a view of the connection's buffer, valid
+   * until the next read. Null at the end, or when the body failed.
+   */
+  async next(): Promise<Uint8Array | null> {
+    if (this.done || this.failed) return null;
+    if (this.#left === 0 && !await this.#nextChunk()) return null;
+    const { connection } = this;
+    if (connection.start === connection.end) {
+      if (!await fillBody(this.server, connection)) return this.#fail(null);
+    }
+    const take = Math.min(this.#left, connection.end - connection.start);
+    const piece = connection.buffer.subarray(
+      connection.start,
+      connection.start + take,
+    );
+    connection.start += take;
+    this.total += take;
+    this.#left -= take;
+    if (this.#left === 0 && !connection.request.chunked) this.done = true;
+    return piece;
+  }
+
+  /**
+   * Reads and drops the rest of the body, up to `limit` bytes.
+   * @returns Whether the body ended within the limit.
+   */
+  async skip(limit: number): Promise<boolean> {
+    const bound = this.total + limit;
+    while (!this.done && !this.failed && this.total <= bound) await this.next();
+    return this.done;
+  }
+
+  /** Reads up to the next chunk's data; false at the end or on failure. */
+  async #nextChunk(): Promise<boolean> {
+    const { server, connection } = this;
+    const request = connection.request;
+    let status: number | null;
+    if (this.#afterData) {
+      status = await parseBuffered(server, connection, parseDataEnd);
+      if (status !== 0) return this.#fail(status);
+    }
+    // Sizes past what maxBody still allows are 413 before any data is read.
+    const room = server.limits.maxBody - this.total;
+    status = await parseBuffered(
       server,
       connection,
-      (buf, start, end) =>
-        parseChunkSize(buf, start, end, request, limits.maxBody - length),
+      (buf, start, end) => parseChunkSize(buf, start, end, request, room),
     );
-    if (sizeLine !== 0) return sizeLine;
-    let remaining = request.chunkSize;
-    if (remaining === 0) break;
-    if (length + remaining > body.length) {
-      const larger = new Uint8Array(
-        Math.min(limits.maxBody, Math.max(length + remaining, body.length * 2)),
-      );
-      larger.set(body.subarray(0, length));
-      body = larger;
-    }
-    while (remaining > 0) {
-      if (connection.start === connection.end) {
-        if (!await fillBody(server, connection)) return null;
-      }
-      const take = Math.min(remaining, connection.end - connection.start);
-      body.set(
-        connection.buffer.subarray(connection.start, connection.start + take),
-        length,
-      );
-      length += take;
-      connection.start += take;
-      remaining -= take;
-    }
-    const dataEnd = await parseBuffered(server, connection, parseDataEnd);
-    if (dataEnd !== 0) return dataEnd;
+    if (status !== 0) return this.#fail(status);
+    this.#left = request.chunkSize;
+    this.#afterData = true;
+    if (this.#left > 0) return true;
+    status = await parseBuffered(
+      server,
+      connection,
+      (buf, start, end) => parseTrailers(buf, start, end, server.limits),
+    );
+    if (status !== 0) return this.#fail(status);
+    this.done = true;
+    return false;
   }
-  const trailers = await parseBuffered(
-    server,
-    connection,
-    (buf, start, end) => parseTrailers(buf, start, end, limits),
-  );
-  if (trailers !== 0) return trailers;
-  return body.subarray(0, length);
+
+  #fail(status: number | null): null & false {
+    this.failed = status ?? -1;
+    return null as null & false;
+  }
 }
 
 /**
@@ -1318,6 +1555,72 @@ async function parseBuffered(
   return 0;
 }
 
+/**
+ * Reads a whole body, for the book's routes.
+ * @returns The body, an error status, or null if the client went away.
+ */
+async function readBody(
+  server: ServerState,
+  connection: Connection,
+): Promise<Uint8Array | number | null> {
+  const reader = new BodyReader(server, connection);
+  // Grown as bytes arrive, so a head announcing a large body costs nothing
+  // until the body actually comes.
+  let body = new Uint8Array(
+    Math.min(Math.max(connection.request.contentLength, 1024), BODY_BUFFER),
+  );
+  let piece: Uint8Array | null;
+  while ((piece = await reader.next()) !== null) {
+    if (reader.total > body.length) {
+      const larger = new Uint8Array(Math.max(reader.total, body.length * 2));
+      larger.set(body.subarray(0, reader.total - piece.length));
+      body = larger;
+    }
+    body.set(piece, reader.total - piece.length);
+  }
+  if (reader.failed) return reader.failed > 0 ? reader.failed : null;
+  return body.subarray(0, reader.total);
+}
+
+/**
+ * A handler's `request.body`: a stream pulled from the connection as the
+ * handler reads, one piece at a time — while nothing reads it, the socket
+ * is not read either. The first read sends `100 Continue` to a client that
+ * waits for it (RFC 9110 §10.1.1), and no earlier: a handler that answers
+ * without reading the body never makes the client send it.
+ */
+function bodyStream(
+  reader: BodyReader,
+  exchange: Exchange,
+): ReadableStream<Uint8Array> {
+  const { server, connection } = reader;
+  return new ReadableStream<Uint8Array>({
+    pull: async (controller) => {
+      if (!exchange.continued) {
+        exchange.continued = true;
+        if (connection.request.expectContinue) {
+          queue(connection, CONTINUE);
+          await flush(server, connection);
+        }
+      }
+      const piece = await reader.next();
+      if (piece) controller.enqueue(piece.slice());
+      if (reader.failed) {
+        controller.error(
+          new RangeError(
+            reader.failed > 0
+              ? `the request body was refused with ${reader.failed}`
+              : "the client went away before the end of the request body",
+          ),
+        );
+      } else if (reader.done) {
+        controller.close();
+        watch(server, connection);
+      }
+    },
+  }, { highWaterMark: 0 });
+}
+
 // ---------------------------------------------------------------------------
 // route(): the book's `match` — only what differs between responses
 // ---------------------------------------------------------------------------
@@ -1339,18 +1642,43 @@ const encoder = new TextEncoder();
 const HTML = "text/html; charset=utf-8";
 const TEXT = "text/plain; charset=utf-8";
 
+/** RFC 9110 §15's reason phrases, for the statuses one meets. */
 const REASONS: Record<number, string> = {
   100: "Continue",
   200: "OK",
+  201: "Created",
+  202: "Accepted",
+  204: "No Content",
+  206: "Partial Content",
+  301: "Moved Permanently",
+  302: "Found",
+  303: "See Other",
+  304: "Not Modified",
+  307: "Temporary Redirect",
+  308: "Permanent Redirect",
   400: "Bad Request",
+  401: "Unauthorized",
+  403: "Forbidden",
   404: "Not Found",
   405: "Method Not Allowed",
+  406: "Not Acceptable",
   408: "Request Timeout",
+  409: "Conflict",
+  410: "Gone",
+  412: "Precondition Failed",
   413: "Content Too Large",
   414: "URI Too Long",
+  415: "Unsupported Media Type",
+  416: "Range Not Satisfiable",
   417: "Expectation Failed",
+  422: "Unprocessable Content",
+  429: "Too Many Requests",
   431: "Request Header Fields Too Large",
+  500: "Internal Server Error",
   501: "Not Implemented",
+  502: "Bad Gateway",
+  503: "Service Unavailable",
+  504: "Gateway Timeout",
   505: "HTTP Version Not Supported",
 };
 
@@ -1397,6 +1725,72 @@ const SERVER_OPTIONS: Reply = {
   allow: "GET, HEAD, POST",
   cacheKey: 4,
 };
+/** `OPTIONS *` to a handler's server: what it allows is the handler's. */
+const ANY_OPTIONS: Reply = {
+  status: 200,
+  contents: EMPTY,
+  contentType: TEXT,
+  cacheKey: 5,
+};
+
+/**
+ * The server's own replies — the book's routes, and the refusals of requests
+ * that fail to parse — queued to be written with the rest of the batch.
+ * @returns Whether the connection stays open, or null when it is gone.
+ */
+async function answer(
+  server: ServerState,
+  connection: Connection,
+  consumed: number,
+  line: string,
+  began: number,
+): Promise<boolean | null> {
+  const request = connection.request;
+  let reply: Reply | null;
+  if (consumed < 0) {
+    reply = errorReply(-consumed);
+  } else if (request.chunked || request.contentLength > 0) {
+    reply = await readAndRoute(server, connection);
+  } else {
+    reply = server.handler && request.path === "*"
+      ? ANY_OPTIONS
+      : route(request.method, request.path, EMPTY);
+  }
+  if (reply === null) return null;
+  if (reply.delayed) {
+    if (connection.pendingBytes > 0) await flush(server, connection);
+    connection.state = BUSY;
+    connection.deadline = Infinity;
+    await connection.sleep(server.limits.sleepDelay * 1000);
+    if (connection.closed) return null;
+  }
+  connection.refused = REFUSALS.has(reply.status);
+  const keepAlive = !connection.refused && !server.closing &&
+    shouldKeepAlive(request);
+  // RFC 9110 §9.3.2: no content in a response to HEAD, not even an error's —
+  // the client would take those bytes for the next response.
+  const headOnly = request.method === "HEAD";
+  queue(
+    connection,
+    responseBytes(server, reply, headOnly, keepAlive, request.minor),
+  );
+  server.log?.write(
+    connection,
+    line,
+    reply.status,
+    headOnly ? 0 : reply.contents.length,
+    began,
+  );
+  return keepAlive;
+}
+
+/**
+ * The replies after which the connection closes: those that refuse a request
+ * outright or leave its framing in doubt. A 404 or 405 does not — browsers
+ * ask for `/favicon.ico` on every visit, and pipelined requests behind it
+ * would be lost.
+ */
+const REFUSALS = new Set([400, 408, 413, 414, 417, 431, 501, 505]);
 
 /**
  * Routes a request that has a body, after reading it — even when the route
@@ -1452,6 +1846,235 @@ function route(method: string | null, path: string, body: Uint8Array): Reply {
 }
 
 // ---------------------------------------------------------------------------
+// The handler: a user's application behind the same core
+// ---------------------------------------------------------------------------
+
+/**
+ * One request handed to a handler: its body as read so far, and what the
+ * handler was told.
+ */
+class Exchange implements ServeHandlerInfo {
+  /** The request body, null when there is none. */
+  readonly reader: BodyReader | null;
+  /** The body stream the handler got; null when it got none. */
+  stream: ReadableStream<Uint8Array> | null = null;
+  /** The handler has asked for the body (so `100 Continue` is spent). */
+  continued = false;
+  /** The response body's length, -1 when unknown, and the bytes sent. */
+  length = -1;
+  sent = 0;
+  #outcome: { error: unknown } | null | undefined = undefined;
+  #completed: Promise<void> | null = null;
+  #settle: ((error?: unknown) => void) | null = null;
+
+  constructor(readonly remoteAddr: Deno.NetAddr, reader: BodyReader | null) {
+    this.reader = reader;
+  }
+
+  /** Made only when asked for, so that most requests pay nothing for it. */
+  get completed(): Promise<void> {
+    if (this.#completed) return this.#completed;
+    const outcome = this.#outcome;
+    if (outcome !== undefined) {
+      return this.#completed = outcome
+        ? Promise.reject(outcome.error)
+        : Promise.resolve();
+    }
+    const { promise, resolve, reject } = Promise.withResolvers<void>();
+    this.#settle = (error) => error === undefined ? resolve() : reject(error);
+    return this.#completed = promise;
+  }
+
+  /** Someone waits on {@linkcode completed}: settle it as soon as we know. */
+  get watched(): boolean {
+    return this.#completed !== null;
+  }
+
+  /** The response was written in full (no error), or could not be. */
+  finish(error?: unknown): void {
+    if (this.#outcome !== undefined) return;
+    this.#outcome = error === undefined ? null : { error };
+    this.#settle?.(error);
+  }
+}
+
+/**
+ * Hands one request to the handler and writes what it returns.
+ * @returns Whether the connection stays open, or null when it is gone.
+ */
+async function respond(
+  server: ServerState,
+  connection: Connection,
+  line: string,
+  began: number,
+): Promise<boolean | null> {
+  const head = connection.request;
+  const hasBody = head.chunked || head.contentLength > 0;
+  const exchange = new Exchange(
+    connection.remoteAddr,
+    hasBody ? new BodyReader(server, connection) : null,
+  );
+  const request = toRequest(server, connection, exchange);
+  if (typeof request === "number") {
+    return answer(server, connection, -request, line, began);
+  }
+  connection.state = BUSY;
+  connection.deadline = Infinity;
+  if (!hasBody) watch(server, connection);
+  const response = await run(server, connection, request, exchange);
+  if (response === null || connection.state === LINGER) {
+    exchange.finish(new Error("the connection closed before the response"));
+    await response?.body?.cancel().catch(() => {});
+    return null;
+  }
+  const reader = exchange.reader;
+  if (reader?.failed) {
+    // The body broke its own framing or limit: that answer wins over the
+    // handler's, which saw only a failing stream.
+    exchange.finish(new Error(`the request body failed (${reader.failed})`));
+    await response.body?.cancel().catch(() => {});
+    return reader.failed > 0
+      ? answer(server, connection, -reader.failed, line, began)
+      : null;
+  }
+  let keepAlive = !server.closing && shouldKeepAlive(head);
+  if (reader && !reader.done) keepAlive &&= await settle(exchange);
+  return send(server, connection, response, exchange, keepAlive, line, began);
+}
+
+/**
+ * A body the handler did not read to the end: dropped up to a bound, so
+ * that the next request starts at the right byte.
+ * @returns Whether the connection can still be kept alive.
+ */
+async function settle(exchange: Exchange): Promise<boolean> {
+  const { reader, stream } = exchange;
+  // A body the client was told to wait for never comes unasked; a stream
+  // the handler still holds may yet be read. Either way: close after this.
+  if (!exchange.continued && reader!.connection.request.expectContinue) {
+    return false;
+  }
+  if (stream?.locked) return false;
+  await stream?.cancel().catch(() => {});
+  const skipped = await reader!.skip(MAX_DISCARD);
+  if (!skipped) reader!.connection.refused = true;
+  return skipped;
+}
+
+/**
+ * The `Request` a handler gets. Its URL is absolute: `http://`, the Host
+ * field, and the target (RFC 9112 §3.3); an absolute-form target as sent.
+ * @returns The request, or the status to refuse it with.
+ */
+function toRequest(
+  server: ServerState,
+  connection: Connection,
+  exchange: Exchange,
+): Request | number {
+  const head = connection.request;
+  const buf = connection.buffer;
+  const method = head.method ?? latin1(buf, head.methodStart, head.methodEnd);
+  // The Fetch API forbids these methods, and a server owes them nothing
+  // (RFC 9110 §9.3.6, §9.3.8): not implemented.
+  if (method === "CONNECT" || method === "TRACE" || method === "TRACK") {
+    return 501;
+  }
+  const target = latin1(buf, head.targetStart, head.targetEnd);
+  const url = buf[head.targetStart] !== SLASH
+    ? target
+    : head.hostEnd > 0
+    ? `http://${latin1(buf, head.hostStart, head.hostEnd)}${target}`
+    : `http://${hostOf(server.listener.addr)}${target}`;
+  const { fields, fieldCount } = head;
+  const headers: [string, string][] = new Array(fieldCount);
+  for (let i = 0; i < fieldCount; i++) {
+    const at = 4 * i;
+    headers[i] = [
+      latin1(buf, fields[at], fields[at + 1]),
+      latin1(buf, fields[at + 2], fields[at + 3]),
+    ];
+  }
+  // The Fetch API allows no body on GET or HEAD: one sent anyway is
+  // dropped like any body the handler leaves unread.
+  const reader = exchange.reader;
+  if (reader && method !== "GET" && method !== "HEAD") {
+    exchange.stream = bodyStream(reader, exchange);
+  }
+  try {
+    return new Request(url, {
+      method,
+      headers,
+      body: exchange.stream,
+      signal: connection.signal,
+    });
+  } catch {
+    return 400;
+  }
+}
+
+/**
+ * Calls the handler; a failure becomes the `onError` response.
+ * @returns The response, or null when the connection closed meanwhile.
+ */
+async function run(
+  server: ServerState,
+  connection: Connection,
+  request: Request,
+  exchange: Exchange,
+): Promise<Response | null> {
+  let response: unknown;
+  try {
+    response = server.handler!(request, exchange);
+    if (!(response instanceof Response)) {
+      // A handler that never answers is cut loose when the connection
+      // closes (the shutdown timeout), so that the server can finish.
+      response = await Promise.race([response, connection.whenClosed()]);
+      if (connection.closed) return null;
+      if (!(response instanceof Response)) {
+        throw new TypeError("the handler returned no Response");
+      }
+    }
+    return response;
+  } catch (error) {
+    if (connection.closed) return null;
+    return await recover(server, error);
+  }
+}
+
+/** RFC 9110 §15.6.1: a 500 that tells the client nothing of the error. */
+function internalError(): Response {
+  return new Response(`500 ${REASONS[500]}\n`, {
+    status: 500,
+    headers: { "content-type": TEXT },
+  });
+}
+
+/** The handler failed: one line on stderr, and `onError`'s response. */
+async function recover(server: ServerState, error: unknown): Promise<Response> {
+  console.error(`error: the handler failed: ${firstLine(error)}`);
+  if (!server.onError) return internalError();
+  try {
+    const response = await server.onError(error);
+    if (response instanceof Response) return response;
+    throw new TypeError("onError returned no Response");
+  } catch (failure) {
+    console.error(`error: onError failed: ${firstLine(failure)}`);
+    return internalError();
+  }
+}
+
+function firstLine(error: unknown): string {
+  return String(error instanceof Error ? error.message : error).split("\n")[0];
+}
+
+function hostOf(addr: Deno.NetAddr): string {
+  const host = addr.hostname.includes(":")
+    ? `[${addr.hostname}]`
+    : addr.hostname;
+  return `${host}:${addr.port}`;
+}
+
+// ---------------------------------------------------------------------------
 // Writing responses: status line, Date, framing, Connection
 // ---------------------------------------------------------------------------
 
@@ -1494,20 +2117,236 @@ function buildResponse(
 ): Uint8Array {
   const { status, contents } = reply;
   let head = `HTTP/1.1 ${status} ${REASONS[status]}\r\n` +
-    `Date: ${clock(server.now).date}\r\n`;
+    `Date: ${httpDate(server.now)}\r\n`;
   if (contents.length > 0) head += `Content-Type: ${reply.contentType}\r\n`;
   head += `Content-Length: ${contents.length}\r\n`;
   if (reply.allow) head += `Allow: ${reply.allow}\r\n`;
-  const idle = Math.floor(server.limits.idleTimeout);
-  if (persistence === CLOSE) head += "Connection: close\r\n";
-  if (persistence === KEEP_ALIVE_1_0) head += "Connection: keep-alive\r\n";
-  if (persistence !== CLOSE) head += `Keep-Alive: timeout=${idle}\r\n`;
-  head += "\r\n";
-  // The head is ASCII, so its length in bytes is its string length.
-  const bytes = new Uint8Array(head.length + (headOnly ? 0 : contents.length));
-  encoder.encodeInto(head, bytes);
-  if (!headOnly) bytes.set(contents, head.length);
+  head += connectionFields(server, persistence) + "\r\n";
+  return joinBytes(head, headOnly ? EMPTY : contents);
+}
+
+/** The `Connection` and `Keep-Alive` fields (RFC 9112 §9.3, §9.6). */
+function connectionFields(server: ServerState, persistence: number): string {
+  if (persistence === CLOSE) return "Connection: close\r\n";
+  const idle = `Keep-Alive: timeout=${Math.floor(server.limits.idleTimeout)}`;
+  return persistence === KEEP_ALIVE_1_0
+    ? `Connection: keep-alive\r\n${idle}\r\n`
+    : `${idle}\r\n`;
+}
+
+/** A head (Latin-1 text: field values are bytes, not UTF-8) and a body. */
+function joinBytes(head: string, body: Uint8Array): Uint8Array {
+  const bytes = new Uint8Array(head.length + body.length);
+  const { read, written } = encoder.encodeInto(head, bytes);
+  if (read !== head.length || written !== head.length) {
+    for (let i = 0; i < head.length; i++) bytes[i] = head.charCodeAt(i);
+  }
+  bytes.set(body, head.length);
   return bytes;
+}
+
+/**
+ * Writes a handler's response: its status and fields as given, with the
+ * framing the server owns (RFC 9112 §6.1–§6.3) — a handler's
+ * `Content-Length`, `Transfer-Encoding` or `Keep-Alive` could otherwise
+ * desynchronise the connection. Content of known length is sent with a
+ * Content-Length, a stream chunked to HTTP/1.1 or until the close to 1.0.
+ * @returns Whether the connection stays open, or null when it is gone.
+ */
+async function send(
+  server: ServerState,
+  connection: Connection,
+  response: Response,
+  exchange: Exchange,
+  keepAlive: boolean,
+  line: string,
+  began: number,
+): Promise<boolean | null> {
+  const { minor, method } = connection.request;
+  const { status } = response;
+  // RFC 9110 §6.4.1: no content after HEAD, 204 or 304 (§8.6: and no
+  // Content-Length on a 204).
+  const noContent = status === 204 || status === 304;
+  const headOnly = noContent || method === "HEAD";
+  let head = `HTTP/1.1 ${status} ${
+    response.statusText || REASONS[status] || ""
+  }\r\n`;
+  let dated = false;
+  let declared = "";
+  for (const [name, value] of response.headers) {
+    switch (name) {
+      case "connection":
+        if (/(^|,)[ \t]*close[ \t]*(,|$)/i.test(value)) keepAlive = false;
+        continue;
+      case "content-length":
+        declared = value;
+        continue;
+      case "transfer-encoding":
+      case "keep-alive":
+        continue;
+      case "date":
+        dated = true;
+    }
+    head += `${name}: ${value}\r\n`;
+  }
+  if (!dated) head += `Date: ${httpDate(server.now)}\r\n`;
+  let content = contentOf(response, exchange);
+  const length = content === null
+    ? 0
+    : content instanceof Uint8Array
+    ? content.length
+    : exchange.length;
+  if (headOnly && content instanceof ReadableStream) {
+    await content.cancel().catch(() => {});
+    content = EMPTY;
+  }
+  if (noContent) {
+    // No framing at all.
+  } else if (length >= 0 && (content !== null || !headOnly)) {
+    head += `Content-Length: ${length}\r\n`;
+  } else if (headOnly) {
+    // A HEAD answer may say what a GET would carry (RFC 9110 §9.3.2).
+    if (/^\d+$/.test(declared)) head += `Content-Length: ${declared}\r\n`;
+  } else if (minor >= 1) {
+    head += "Transfer-Encoding: chunked\r\n";
+  } else {
+    keepAlive = false; // RFC 9112 §6.3 item 8: the body ends at the close.
+  }
+  const persistence = !keepAlive
+    ? CLOSE
+    : minor === 0
+    ? KEEP_ALIVE_1_0
+    : KEEP_ALIVE;
+  head += connectionFields(server, persistence) + "\r\n";
+  connection.refused = false;
+  if (!(content instanceof ReadableStream)) {
+    const body = headOnly || content === null ? EMPTY : content;
+    queue(connection, joinBytes(head, body));
+    exchange.sent = body.length;
+  } else {
+    queue(connection, joinBytes(head, EMPTY));
+    try {
+      const chunked = exchange.length < 0 && minor >= 1;
+      await pipe(server, connection, content, exchange, chunked);
+    } catch (error) {
+      if (!connection.signal.aborted) {
+        console.error(`error: the response body failed: ${firstLine(error)}`);
+      }
+      server.log?.write(connection, line, status, exchange.sent, began);
+      exchange.finish(error);
+      connection.close();
+      return null;
+    }
+  }
+  server.log?.write(connection, line, status, exchange.sent, began);
+  if (exchange.watched) {
+    try {
+      await flush(server, connection);
+    } catch (error) {
+      exchange.finish(error);
+      throw error;
+    }
+  }
+  exchange.finish();
+  return keepAlive;
+}
+
+const CRLF = encoder.encode("\r\n");
+const LAST_CHUNK = encoder.encode("0\r\n\r\n");
+
+/**
+ * Sends a response stream as it yields: each chunk is written before the
+ * next is asked for, so the stream is pulled no faster than the client
+ * reads, and a stalled write is cut by the body timeout. A client that
+ * hangs up cancels the stream.
+ */
+async function pipe(
+  server: ServerState,
+  connection: Connection,
+  stream: ReadableStream<Uint8Array>,
+  exchange: Exchange,
+  chunked: boolean,
+): Promise<void> {
+  const reader = stream.getReader();
+  const stop = () => reader.cancel().catch(() => {});
+  const signal = connection.signal;
+  signal.addEventListener("abort", stop, { once: true });
+  connection.responding = true;
+  try {
+    while (true) {
+      await flush(server, connection);
+      connection.state = BUSY;
+      connection.deadline = Infinity;
+      const { done, value } = await reader.read();
+      if (signal.aborted) throw new Error("the client went away");
+      if (done) break;
+      if (!(value instanceof Uint8Array)) {
+        throw new TypeError("a response body chunk is not a Uint8Array");
+      }
+      if (value.length === 0) continue;
+      if (chunked) {
+        queue(connection, encoder.encode(`${value.length.toString(16)}\r\n`));
+      }
+      queue(connection, value);
+      if (chunked) queue(connection, CRLF);
+      exchange.sent += value.length;
+    }
+    if (exchange.length >= 0 && exchange.sent !== exchange.length) {
+      throw new Error("the response body was not its announced length");
+    }
+    if (chunked) queue(connection, LAST_CHUNK);
+  } catch (error) {
+    await reader.cancel(error).catch(() => {});
+    throw error;
+  } finally {
+    connection.responding = false;
+    signal.removeEventListener("abort", stop);
+  }
+}
+
+/** Where Deno keeps a body it holds whole, found once on a probe. */
+const BODY_SLOTS = (() => {
+  const symbols = Object.getOwnPropertySymbols(new Response(""));
+  const named = (name: string) =>
+    symbols.find((symbol) => symbol.description === name);
+  return { lazy: named("lazy static body"), inner: named("response") };
+})();
+
+interface InnerResponse {
+  body: {
+    streamOrStatic?: unknown;
+    length?: number | null;
+  } | null;
+}
+
+/**
+ * A response's content: null for none, its bytes when they are all there
+ * (a string, a `Uint8Array`, `URLSearchParams`), or its stream — with the
+ * length in `exchange.length` when known (a `Blob`, `FormData`), else -1.
+ * The Fetch API does not tell a body held whole from a stream, so this
+ * looks where Deno keeps it; a body it cannot tell goes as a stream of
+ * unknown length — chunked: still correct, only framed differently.
+ */
+function contentOf(
+  response: Response,
+  exchange: Exchange,
+): Uint8Array | ReadableStream<Uint8Array> | null {
+  if (response.bodyUsed) {
+    throw new TypeError("the response body was already used");
+  }
+  const slots = response as unknown as Record<symbol, unknown>;
+  const lazy = BODY_SLOTS.lazy && slots[BODY_SLOTS.lazy];
+  if (typeof lazy === "string") return encoder.encode(lazy);
+  const inner = BODY_SLOTS.inner &&
+    slots[BODY_SLOTS.inner] as InnerResponse | undefined;
+  const whole = inner?.body?.streamOrStatic as { body?: unknown } | undefined;
+  if (whole && !(whole instanceof ReadableStream)) {
+    if (whole.body instanceof Uint8Array) return whole.body;
+    if (typeof whole.body === "string") return encoder.encode(whole.body);
+  }
+  const length = inner?.body?.length;
+  exchange.length = typeof length === "number" ? length : -1;
+  return response.body;
 }
 
 /** Response bytes that stay valid until the second changes. */
@@ -1519,7 +2358,7 @@ class ResponseCache {
     const second = Math.floor(now / 1000);
     if (second !== this.#second) {
       this.#second = second;
-      this.#entries = new Array(32).fill(null);
+      this.#entries = new Array(64).fill(null);
     }
     return this.#entries[key];
   }
@@ -1530,25 +2369,31 @@ class ResponseCache {
 }
 
 const MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(" ");
-let clockSecond = -1;
-let clockStrings = { date: "", log: "" };
 
-/** The `Date` field value (RFC 9110 §5.6.7) and the log's time, per second. */
-function clock(now: number): { date: string; log: string } {
-  const second = Math.floor(now / 1000);
-  if (second !== clockSecond) {
-    clockSecond = second;
-    const time = new Date(second * 1000);
-    const two = (n: number) => String(n).padStart(2, "0");
-    clockStrings = {
-      date: time.toUTCString(),
-      log: `${two(time.getUTCDate())}/${MONTHS[time.getUTCMonth()]}/` +
-        `${time.getUTCFullYear()}:${two(time.getUTCHours())}:` +
-        `${two(time.getUTCMinutes())}:${two(time.getUTCSeconds())} +0000`,
-    };
-  }
-  return clockStrings;
+/** `format` of a time, worked out once a second. */
+function perSecond(format: (time: Date) => string): (ms: number) => string {
+  let second = -1;
+  let text = "";
+  return (ms) => {
+    if (Math.floor(ms / 1000) !== second) {
+      second = Math.floor(ms / 1000);
+      text = format(new Date(second * 1000));
+    }
+    return text;
+  };
 }
+
+/** The `Date` field value (RFC 9110 §5.6.7). */
+const httpDate = perSecond((time) => time.toUTCString());
+
+const two = (n: number) => String(n).padStart(2, "0");
+
+/** Common Log Format's time: `10/Oct/2000:13:55:36 +0000`. */
+const logTime = perSecond((time) =>
+  `${two(time.getUTCDate())}/${MONTHS[time.getUTCMonth()]}/` +
+  `${time.getUTCFullYear()}:${two(time.getUTCHours())}:` +
+  `${two(time.getUTCMinutes())}:${two(time.getUTCSeconds())} +0000`
+);
 
 // ---------------------------------------------------------------------------
 // The access log: Common Log Format, buffered
@@ -1566,10 +2411,7 @@ class AccessLog {
   /** The last line and what it was made of: a repeat costs no allocation. */
   #last = { text: "", remote: "", time: "", line: "", status: 0, sent: 0 };
 
-  constructor(
-    readonly sink: true | ((lines: string) => void),
-    readonly server: ServerState,
-  ) {}
+  constructor(readonly sink: true | ((lines: string) => void)) {}
 
   /** Logs one response: `host - - [time] "request line" status bytes`. */
   write(
@@ -1577,13 +2419,14 @@ class AccessLog {
     line: string,
     status: number,
     sent: number,
+    began: number,
   ): void {
     if (this.#lines.length >= MAX_LOG_BACKLOG) {
       this.#dropped++;
       return;
     }
-    const remote = connection.remote();
-    const time = clock(this.server.now).log;
+    const remote = connection.remoteAddr.hostname;
+    const time = logTime(began);
     const last = this.#last;
     if (
       remote !== last.remote || time !== last.time || line !== last.line ||
@@ -1647,6 +2490,7 @@ function writeStdout(text: string): Promise<void> {
 
 /** The command line's settings: `serve()`'s options plus the CLI's own. */
 interface Settings extends ServeOptions {
+  app?: string;
   quiet?: boolean;
   workers?: number;
   help?: boolean;
@@ -1658,6 +2502,7 @@ type Kind = "seconds" | "count" | "port" | "text" | "switch" | "workers";
 const FLAGS: Record<string, [keyof Settings, Kind]> = {
   "--hostname": ["hostname", "text"],
   "--port": ["port", "port"],
+  "--app": ["app", "text"],
   "--quiet": ["quiet", "switch"],
   "--workers": ["workers", "workers"],
   "--header-timeout": ["headerTimeout", "seconds"],
@@ -1718,11 +2563,15 @@ function printUsage(print: (text: string) => void = console.log): void {
   print(`Usage: deno run --allow-net main.ts [flags]
 
 Serves the Rust book's hello page over HTTP/1.1: GET / (hello), GET /sleep
-(hello, after a delay), POST /echo (the body back), anything else 404.
+(hello, after a delay), POST /echo (the body back), anything else 404 — or
+your own application with --app.
 
 Flags (seconds may have fractions):
-  --hostname HOST          address to listen on (default 127.0.0.1; env HOSTNAME)
+  --hostname HOST          address to listen on (default 127.0.0.1)
   --port N                 port, 0 for any free one (default 7878; env PORT)
+  --app FILE|URL           serve this module's default export's fetch()
+                           instead (the deno serve convention; needs
+                           --allow-read)
   --quiet                  no access log (default: Common Log Format on stdout)
   --workers N|auto         isolates sharing the port (default 1); more than 1
                            needs --allow-read and --unstable-net
@@ -1736,22 +2585,22 @@ Flags (seconds may have fractions):
   --version                print the version
   --help                   print this help
 
-Environment variables are read only when --allow-env grants them.`);
+PORT is read from the environment only when --allow-env grants it.`);
 }
 
-/** `PORT` and `HOSTNAME`, when env permission is already granted (never prompts). */
+/**
+ * `PORT`, when env permission is already granted (never prompts): the PaaS
+ * convention. `HOSTNAME` is not read — Docker sets it to the container's id.
+ */
 function fromEnvironment(): Settings {
-  const settings: Settings = {};
-  for (
-    const [variable, flag] of [["PORT", "--port"], ["HOSTNAME", "--hostname"]]
-  ) {
-    const access = Deno.permissions.querySync({ name: "env", variable });
-    const value = access.state === "granted"
-      ? Deno.env.get(variable)
-      : undefined;
-    if (value) Object.assign(settings, parseFlags([flag, value]));
+  const access = Deno.permissions.querySync({ name: "env", variable: "PORT" });
+  const value = access.state === "granted" ? Deno.env.get("PORT") : undefined;
+  if (!value) return {};
+  try {
+    return parseFlags(["--port", value]);
+  } catch {
+    throw new Error(`PORT must be a port number (0-65535), not "${value}"`);
   }
-  return settings;
 }
 
 function listeningLine(addr: Deno.NetAddr): string {
@@ -1784,7 +2633,12 @@ async function main(args: string[] = Deno.args): Promise<void> {
   }
   if (settings.help) return printUsage();
   if (settings.version) return console.log(`hello-server ${VERSION}`);
-  const options: ServeOptions = { ...settings, accessLog: !settings.quiet };
+  const options: AppInit = { ...settings, accessLog: !settings.quiet };
+  if (settings.app) {
+    // Loaded before anything listens: a module that fails says so at once.
+    options.app = appUrl(settings.app);
+    options.handler = await loadApp(options.app, settings.app);
+  }
   const forced = (settings.workers ?? 1) > 1
     ? await serveWithWorkers(options, settings.workers!)
     : await serveHere(options);
@@ -1801,7 +2655,7 @@ async function main(args: string[] = Deno.args): Promise<void> {
   Deno.exit(0);
 }
 
-async function serveHere(options: ServeOptions): Promise<number> {
+async function serveHere(options: ServeInit): Promise<number> {
   let server: Server;
   try {
     server = serve({
@@ -1832,6 +2686,69 @@ function cannotListen(
   Deno.exit(1);
 }
 
+/** What the command line serves: the options, and `--app`'s module URL. */
+interface AppInit extends ServeInit {
+  app?: string;
+}
+
+/** The user's to fix, before anything listens: one line, exit 2. */
+function refuse(message: string): never {
+  console.error(`error: ${message}`);
+  Deno.exit(2);
+}
+
+// ---------------------------------------------------------------------------
+// --app: any `deno serve`-style module behind the same core
+// ---------------------------------------------------------------------------
+
+/**
+ * Finds `--app`'s module: a URL as given (deno's own import permissions
+ * apply), or a file, which must exist and be readable.
+ * @returns Its URL.
+ */
+function appUrl(specifier: string): string {
+  if (/^[a-z][a-z\d+.-]+:/i.test(specifier)) return specifier;
+  const fix = `deno run --allow-net --allow-read main.ts --app ${specifier}`;
+  const access = Deno.permissions.querySync({ name: "read", path: specifier });
+  if (access.state !== "granted") {
+    refuse(`--app needs read access to ${specifier}: ${fix}`);
+  }
+  let path: string;
+  try {
+    path = Deno.realPathSync(specifier);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) {
+      refuse(`--app ${specifier}: no such file`);
+    }
+    refuse(`--app ${specifier}: ${firstLine(error)} (${fix})`);
+  }
+  const url = new URL("file:///");
+  url.pathname = path;
+  return url.href;
+}
+
+/**
+ * Imports `--app`'s module. Its default export's `fetch(request, info)` is
+ * the handler — the `deno serve` convention, which a Hono app, among
+ * others, follows as it is.
+ */
+async function loadApp(url: string, specifier: string): Promise<ServeHandler> {
+  let module: { default?: { fetch?: unknown } };
+  try {
+    module = await import(url);
+  } catch (error) {
+    refuse(`--app ${specifier} could not be loaded: ${firstLine(error)}`);
+  }
+  const app = module.default;
+  if (typeof app?.fetch !== "function") {
+    refuse(
+      `--app ${specifier} has no default export with a fetch(request) method`,
+    );
+  }
+  const fetch = app.fetch as ServeHandler;
+  return (request, info) => fetch.call(app, request, info);
+}
+
 // ---------------------------------------------------------------------------
 // --workers: the book's ThreadPool as isolates sharing one port
 // ---------------------------------------------------------------------------
@@ -1848,7 +2765,7 @@ type WorkerMessage =
  * @returns How many busy connections the shutdown timeout closed.
  */
 async function serveWithWorkers(
-  options: ServeOptions,
+  options: AppInit,
   count: number,
 ): Promise<number> {
   const fix = "--workers needs --allow-read and --unstable-net: " +
@@ -1887,7 +2804,9 @@ async function serveWithWorkers(
           if (++finished === count) allFinished();
         }
       };
-      const { signal: _, onListen: __, ...rest } = options;
+      // What cannot be posted to a worker, it makes itself: the handler
+      // from --app's URL.
+      const { signal: _, onListen: __, handler: ___, ...rest } = options;
       worker.postMessage({ ...rest, port: port ?? rest.port, reusePort: true });
     });
   let workers: Worker[];
@@ -1921,15 +2840,19 @@ function workerMain(): void {
     onmessage: ((event: MessageEvent) => void) | null;
   };
   let server: Server | undefined;
-  scope.onmessage = ({ data }) => {
+  scope.onmessage = async ({ data }) => {
     if (data === "shutdown") {
       server?.shutdown();
       return;
     }
-    const options = data as ServeOptions;
+    const options = data as AppInit;
+    const handler = options.app
+      ? await loadApp(options.app, options.app)
+      : undefined;
     try {
       server = serve({
         ...options,
+        handler,
         accessLog: options.accessLog
           ? (lines) => scope.postMessage({ lines })
           : false,

@@ -1,37 +1,61 @@
 /**
- * Benchmark: this server (`main.ts`) against an anchor `Deno.serve` server
- * with the same routes and the same hello page, and against `node:http` when
- * `node` is on the PATH. Everything listens on ephemeral loopback ports.
+ * Benchmark: this server (`main.ts`) against `Deno.serve`, against `node:http`
+ * when `node` is on the PATH, and against the floor — a bare `Deno.listen`
+ * loop that finds request heads and writes a constant reply, the least any
+ * server on Deno's TCP can spend. Everything listens on ephemeral loopback
+ * ports, and every server is a subprocess of its own.
  *
- * For each of three modes — keep-alive (`GET /` on 50 connections),
- * pipelined (16 requests per write) and `Connection: close` — `wrk` drives
- * the servers in turn (A B C, A B C, ...) for several rounds, and the median
- * requests per second and p99 latency of each are reported, with the ratio
- * ours/anchor. It also measures the memory each server spends per idle
- * keep-alive connection, the cost of the access log, and with `--workers N`
- * ours with N workers against `deno serve --parallel`. The results are a
- * markdown table on stdout, followed by PASS/FAIL lines for the targets;
- * progress goes to stderr.
+ * The sections, all run unless `--only` picks some:
+ *
+ * - `book`: the book's routes, on ours (quiet, and with the access log) and
+ *   on an anchor `Deno.serve` server with the same routes and hello page, in
+ *   three modes — keep-alive (`GET /` on 50 connections), pipelined (16
+ *   requests per write) and `Connection: close`.
+ * - `floor`: the floor, in the same three modes.
+ * - `handler`: one handler (below, {@linkcode benchHandler}) served by ours
+ *   through `serve({ handler })` and by `Deno.serve`: TechEmpower-style
+ *   plaintext in the three modes, JSON and a 4 KiB POST echo in keep-alive,
+ *   and a streamed 64 MiB response, timed in MB/s.
+ * - `memory`: the memory each server spends per idle keep-alive connection.
+ *
+ * `wrk` drives the servers in turn (A B C, A B C, ...) for several rounds;
+ * the median requests per second, p99 latency and the server process's CPU
+ * time per request (from `/proc/PID/stat`, steadier than req/s on a shared
+ * machine) are reported, with each server's ratio to its base and to the
+ * floor, paired within each round. With `--workers N` it also runs ours with
+ * N workers against `deno serve --parallel`. The results are markdown tables
+ * on stdout, followed by PASS/FAIL lines for the targets; progress goes to
+ * stderr. With the defaults the whole run takes about 12 minutes.
  *
  * Needs `wrk` (`apt-get install -y wrk`); `taskset` (util-linux) pins the
  * load generator to CPU 0 and the servers to the other CPUs.
  *
  * ```sh
  * deno task bench
- * deno task bench --rounds 3 --duration 5
+ * deno task bench --rounds 1 --duration 2 --only book,floor
  * deno task bench --workers 2 --strict
  * ```
  *
  * Flags: `--rounds N` (5), `--duration S` per run (5), `--connections N`
- * (50), `--idle-connections N` (2000), `--workers N` (off), `--strict` (exit
- * 1 when a target fails). Internal: `--anchor deno` serves the anchor.
+ * (50), `--idle-connections N` (2000), `--only SECTION,...` (all of book,
+ * floor, handler, memory), `--workers N` (off), `--strict` (exit 1 when a
+ * target fails). Internal: `--serve anchor|floor|deno-handler|ours-handler`
+ * runs one server, `--download PORT` times downloads of `/stream`.
  *
  * @module
  */
 
 import { parseArgs } from "node:util";
 import { fileURLToPath } from "node:url";
-import { HELLO_PAGE, NOT_FOUND_PAGE } from "./main.ts";
+import { HELLO_PAGE, NOT_FOUND_PAGE, serve } from "./main.ts";
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+/** The line every server prints once it listens; the bench reads the port. */
+function announce(addr: Deno.NetAddr): void {
+  console.log(`Listening on http://${addr.hostname}:${addr.port}/`);
+}
 
 // ---------------------------------------------------------------------------
 // The anchor: the same routes and pages, in idiomatic `Deno.serve` style
@@ -78,12 +102,204 @@ export function anchorHandler(request: Request): Response | Promise<Response> {
 }
 
 function serveAnchor(): void {
-  Deno.serve({
+  Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: announce },
+    anchorHandler,
+  );
+}
+
+// ---------------------------------------------------------------------------
+// The handler: one application, served by ours and by `Deno.serve`
+// ---------------------------------------------------------------------------
+
+const PLAINTEXT = "Hello, World!";
+const ECHO_SIZE = 4 * 1024;
+const STREAM_CHUNK = 64 * 1024;
+const STREAM_CHUNKS = 1024;
+const STREAM_BYTES = STREAM_CHUNK * STREAM_CHUNKS;
+
+/** 64 MiB in 64 KiB chunks, each made when the server asks for it. */
+function streamBody(): ReadableStream<Uint8Array> {
+  let sent = 0;
+  return new ReadableStream({
+    pull(controller) {
+      // A fresh chunk each time: a server may keep or transfer what it got.
+      controller.enqueue(new Uint8Array(STREAM_CHUNK));
+      if (++sent === STREAM_CHUNKS) controller.close();
+    },
+  });
+}
+
+/**
+ * The handler rows' application, the same on both servers: `GET /plaintext`
+ * and `GET /json` as in the TechEmpower benchmarks, `POST /echo` answering
+ * the body it read in full, `GET /stream` a 64 MiB streamed response.
+ */
+export async function benchHandler(request: Request): Promise<Response> {
+  switch (pathOf(request.url)) {
+    case "/plaintext":
+      return new Response(PLAINTEXT, {
+        headers: { "content-type": "text/plain", server: "bench" },
+      });
+    case "/json":
+      return Response.json({ message: PLAINTEXT });
+    case "/echo":
+      return new Response(await request.arrayBuffer(), {
+        headers: { "content-type": "application/octet-stream" },
+      });
+    case "/stream":
+      return new Response(streamBody(), {
+        headers: { "content-type": "application/octet-stream" },
+      });
+    default:
+      return new Response("Not Found\n", { status: 404 });
+  }
+}
+
+function serveDenoHandler(): void {
+  Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: announce },
+    benchHandler,
+  );
+}
+
+function serveOursHandler(): void {
+  serve({
     hostname: "127.0.0.1",
     port: 0,
-    onListen: ({ hostname, port }) =>
-      console.log(`Listening on http://${hostname}:${port}/`),
-  }, anchorHandler);
+    accessLog: false,
+    onListen: announce,
+    handler: benchHandler,
+  });
+}
+
+// ---------------------------------------------------------------------------
+// The floor: one read and one write per batch of requests, nothing else
+// ---------------------------------------------------------------------------
+
+const CR = 13;
+const LF = 10;
+/** Its replies are constant, so their date is too. */
+const FLOOR_DATE = "Thu, 26 Nov 2026 00:00:00 GMT";
+
+function floorReply(close: boolean): Uint8Array {
+  const body = encoder.encode(HELLO_PAGE);
+  const head = `HTTP/1.1 200 OK\r\nDate: ${FLOOR_DATE}\r\n` +
+    `Content-Type: ${HTML}\r\nContent-Length: ${body.length}\r\n` +
+    (close ? "Connection: close\r\n" : "") + "\r\n";
+  return append(encoder.encode(head), body);
+}
+
+const FLOOR_KEEP_ALIVE = floorReply(false);
+const FLOOR_CLOSE = floorReply(true);
+/** The replies to n pipelined requests, made once for each n. */
+const floorBatches: Uint8Array[] = [];
+
+function floorBatch(heads: number, close: boolean): Uint8Array {
+  if (close) {
+    return heads === 1
+      ? FLOOR_CLOSE
+      : append(floorBatch(heads - 1, false), FLOOR_CLOSE);
+  }
+  let batch = floorBatches[heads];
+  if (!batch) {
+    batch = floorBatches[heads] = new Uint8Array(
+      heads * FLOOR_KEEP_ALIVE.length,
+    );
+    for (let i = 0; i < heads; i++) {
+      batch.set(FLOOR_KEEP_ALIVE, i * FLOOR_KEEP_ALIVE.length);
+    }
+  }
+  return batch;
+}
+
+/**
+ * Counts the head ends (CR LF CR LF, RFC 9112 §2.1) whose last byte lies
+ * past `from`; the bytes before it are the end of the previous read.
+ */
+function countHeadEnds(bytes: Uint8Array, from: number): number {
+  let count = 0;
+  for (
+    let i = bytes.indexOf(LF, from);
+    i !== -1;
+    i = bytes.indexOf(LF, i + 1)
+  ) {
+    if (bytes[i - 1] === CR && bytes[i - 2] === LF && bytes[i - 3] === CR) {
+      count++;
+    }
+  }
+  return count;
+}
+
+const CLOSE_TOKEN = encoder.encode("close");
+
+/**
+ * Whether the bytes hold `close` anywhere: the floor only ever reads wrk's
+ * requests, which say it in `Connection: close` or not at all.
+ */
+function asksToClose(bytes: Uint8Array): boolean {
+  const first = CLOSE_TOKEN[0];
+  for (
+    let i = bytes.indexOf(first);
+    i !== -1;
+    i = bytes.indexOf(first, i + 1)
+  ) {
+    if (CLOSE_TOKEN.every((byte, k) => bytes[i + k] === byte)) return true;
+  }
+  return false;
+}
+
+async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
+  let written = await conn.write(bytes);
+  while (written < bytes.length) {
+    written += await conn.write(bytes.subarray(written));
+  }
+}
+
+/** Read buffers of closed connections: allocating them is not free. */
+const floorBuffers: Uint8Array[] = [];
+
+/** Answers each request head read with the hello page, one write per read. */
+async function floorConnection(conn: Deno.TcpConn): Promise<void> {
+  // Three bytes of the previous read stay in front of each new one, so that
+  // a head end split between two reads is still found.
+  const buffer = floorBuffers.pop()?.fill(0, 0, 3) ??
+    new Uint8Array(3 + 64 * 1024);
+  const room = buffer.subarray(3);
+  let kept = false;
+  try {
+    for (;;) {
+      const n = await conn.read(room);
+      if (n === null) return;
+      const bytes = buffer.subarray(0, 3 + n);
+      const heads = countHeadEnds(bytes, 3);
+      if (heads === 0) {
+        buffer.copyWithin(0, n, n + 3);
+        continue;
+      }
+      const close = asksToClose(bytes);
+      await writeAll(conn, floorBatch(heads, close));
+      if (close) return;
+      if (!kept) {
+        // As ours does: a kept connection's next small write must not wait
+        // for the ACK of the last (Nagle).
+        kept = true;
+        conn.setNoDelay(true);
+      }
+      buffer.copyWithin(0, n, n + 3);
+    }
+  } catch {
+    // Reset by the client: nothing to do.
+  } finally {
+    conn.close();
+    floorBuffers.push(buffer);
+  }
+}
+
+async function serveFloor(): Promise<void> {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  announce(listener.addr);
+  for await (const conn of listener) floorConnection(conn);
 }
 
 /** The `node:http` twin of the anchor, written to a file and run by node. */
@@ -134,6 +350,9 @@ for (const signal of ["SIGINT", "SIGTERM"]) {
 // Options
 // ---------------------------------------------------------------------------
 
+const SECTIONS = ["book", "floor", "handler", "memory"] as const;
+type Section = typeof SECTIONS[number];
+
 interface Options {
   rounds: number;
   duration: number;
@@ -141,11 +360,21 @@ interface Options {
   idleConnections: number;
   workers: number;
   strict: boolean;
+  /** The sections to run. */
+  only: Set<Section>;
+}
+
+/** The internal flags, which make this file a server or a download client. */
+interface Internal {
+  serve?: string;
+  download?: number;
 }
 
 const USAGE =
   `Usage: deno task bench [--rounds N] [--duration S] [--connections N]
-                       [--idle-connections N] [--workers N] [--strict]`;
+                       [--idle-connections N] [--only SECTION,...]
+                       [--workers N] [--strict]
+Sections: ${SECTIONS.join(", ")} (default: all)`;
 
 function positiveInt(
   name: string,
@@ -160,7 +389,20 @@ function positiveInt(
   return number;
 }
 
-function parseOptions(args: string[]): Options & { anchor?: string } {
+function sections(value: string | undefined): Set<Section> {
+  if (value === undefined) return new Set(SECTIONS);
+  const names = value.split(",").map((name) => name.trim());
+  for (const name of names) {
+    if (!(SECTIONS as readonly string[]).includes(name)) {
+      throw new Error(
+        `--only takes sections among ${SECTIONS.join(", ")}, not "${name}"`,
+      );
+    }
+  }
+  return new Set(names as Section[]);
+}
+
+function parseOptions(args: string[]): Options & Internal {
   const { values } = parseArgs({
     args,
     options: {
@@ -168,9 +410,11 @@ function parseOptions(args: string[]): Options & { anchor?: string } {
       duration: { type: "string" },
       connections: { type: "string" },
       "idle-connections": { type: "string" },
+      only: { type: "string" },
       workers: { type: "string" },
       strict: { type: "boolean", default: false },
-      anchor: { type: "string" },
+      serve: { type: "string" },
+      download: { type: "string" },
       help: { type: "boolean", default: false },
     },
   });
@@ -189,7 +433,11 @@ function parseOptions(args: string[]): Options & { anchor?: string } {
     ),
     workers: positiveInt("workers", values.workers, 1),
     strict: values.strict,
-    anchor: values.anchor,
+    only: sections(values.only),
+    serve: values.serve,
+    download: values.download === undefined
+      ? undefined
+      : positiveInt("download", values.download, 0),
   };
 }
 
@@ -200,7 +448,6 @@ function parseOptions(args: string[]): Options & { anchor?: string } {
 const children = new Set<Deno.ChildProcess>();
 /** The directory of the helper files, removed at the end. */
 let tempDir: string | undefined;
-const decoder = new TextDecoder();
 
 function spawn(
   command: string[],
@@ -212,6 +459,8 @@ function spawn(
     stdout: "piped",
     stderr: "piped",
     ...options,
+    // Deno's update check would look names up and open connections.
+    env: { DENO_NO_UPDATE_CHECK: "1", ...options.env },
   }).spawn();
   children.add(child);
   child.status.finally(() => children.delete(child));
@@ -342,14 +591,15 @@ async function startServer(spec: ServerSpec, pin: string[]): Promise<Server> {
 }
 
 // ---------------------------------------------------------------------------
-// A minimal HTTP/1.1 client, for the sanity check and the idle connections
+// A minimal HTTP/1.1 client, for the sanity checks, the idle connections and
+// the downloads
 // ---------------------------------------------------------------------------
 
-const encoder = new TextEncoder();
 const GET = encoder.encode("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
 
 interface Reply {
   status: number;
+  head: string;
   body: Uint8Array;
 }
 
@@ -376,20 +626,20 @@ async function readReply(conn: Deno.Conn): Promise<Reply> {
   let data: Uint8Array = new Uint8Array(0);
   let headEnd = -1;
   let length = -1;
-  let status = 0;
+  let head = "";
   while (length < 0 || data.length < headEnd + length) {
     const n = await conn.read(chunk);
     if (n === null) throw new Error("connection closed mid-response");
     data = append(data, chunk.subarray(0, n));
     if (headEnd < 0 && (headEnd = indexOfHeadEnd(data)) > 0) {
-      const head = decoder.decode(data.subarray(0, headEnd));
-      status = Number(head.slice(9, 12));
+      head = decoder.decode(data.subarray(0, headEnd));
       const match = head.match(/\r\ncontent-length:\s*(\d+)/i);
       if (!match) throw new Error("response without Content-Length");
       length = Number(match[1]);
     }
   }
-  return { status, body: data.subarray(headEnd, headEnd + length) };
+  const status = Number(head.slice(9, 12));
+  return { status, head, body: data.subarray(headEnd, headEnd + length) };
 }
 
 async function openKeptAlive(port: number): Promise<Deno.TcpConn> {
@@ -419,19 +669,136 @@ async function checkHello(server: Server): Promise<void> {
   }
 }
 
+/** Sends one request on a new connection and reads the reply. */
+async function exchange(port: number, request: Uint8Array): Promise<Reply> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    await conn.write(request);
+    return await readReply(conn);
+  } finally {
+    conn.close();
+  }
+}
+
+function get(path: string): Uint8Array {
+  return encoder.encode(`GET ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`);
+}
+
+const ECHO_BODY = encoder.encode("x".repeat(ECHO_SIZE));
+
+/** Checks that a server answers the handler's routes as the handler says. */
+async function checkHandler(server: Server): Promise<void> {
+  const expect = (ok: boolean, what: string) => {
+    if (!ok) {
+      throw new Error(`${server.name} does not serve the handler: ${what}`);
+    }
+  };
+  const plaintext = await exchange(server.port, get("/plaintext"));
+  expect(
+    plaintext.status === 200 && decoder.decode(plaintext.body) === PLAINTEXT &&
+      /\r\ncontent-type: text\/plain\r\n/i.test(plaintext.head) &&
+      /\r\nserver: bench\r\n/i.test(plaintext.head),
+    `GET /plaintext is\n${plaintext.head}`,
+  );
+  const json = await exchange(server.port, get("/json"));
+  expect(
+    decoder.decode(json.body) === JSON.stringify({ message: PLAINTEXT }),
+    `GET /json is\n${json.head}`,
+  );
+  const post = encoder.encode(
+    `POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n` +
+      `Content-Length: ${ECHO_SIZE}\r\n\r\n`,
+  );
+  const echo = await exchange(server.port, append(post, ECHO_BODY));
+  expect(
+    decoder.decode(echo.body) === decoder.decode(ECHO_BODY),
+    `POST /echo is\n${echo.head}`,
+  );
+}
+
+/** How many times in a row a sample downloads the streamed response. */
+const DOWNLOADS = 8;
+
+/**
+ * Downloads `/stream` from `port` DOWNLOADS times, each on a new connection
+ * closed by the server at the end, discarding the bytes; prints the body
+ * bytes and the seconds taken as JSON. Run pinned, like wrk.
+ */
+async function download(port: number): Promise<void> {
+  const request = encoder.encode(
+    "GET /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+  );
+  const buffer = new Uint8Array(256 * 1024);
+  let seconds = 0;
+  for (let i = 0; i < DOWNLOADS; i++) {
+    const started = performance.now();
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    let received = 0;
+    let status = "";
+    try {
+      await conn.write(request);
+      for (let n; (n = await conn.read(buffer)) !== null;) {
+        if (received === 0) status = decoder.decode(buffer.subarray(0, 12));
+        received += n;
+      }
+    } finally {
+      conn.close();
+    }
+    seconds += (performance.now() - started) / 1000;
+    // The framing adds a few bytes per chunk; missing bytes mean a cut.
+    if (status !== "HTTP/1.1 200" || received < STREAM_BYTES) {
+      throw new Error(`/stream: "${status}", ${received} bytes`);
+    }
+  }
+  console.log(JSON.stringify({ bytes: DOWNLOADS * STREAM_BYTES, seconds }));
+}
+
 // ---------------------------------------------------------------------------
-// wrk
+// wrk, and the downloads
 // ---------------------------------------------------------------------------
 
 type Mode = "keep-alive" | "pipelined" | "close";
 const MODES: Mode[] = ["keep-alive", "pipelined", "close"];
 const PIPELINE_DEPTH = 16;
 
-const PIPELINE_LUA = `-- ${PIPELINE_DEPTH} GET / requests per write
+/** What the clients ask for, and how; a row of the report. */
+interface Workload {
+  name: string;
+  /** How wrk sends the requests; "stream" times downloads instead. */
+  mode: Mode | "stream";
+  path: string;
+  /** A wrk script among the helper files, which sets method and body. */
+  script?: string;
+}
+
+const BOOK: Workload[] = MODES.map((mode) => ({ name: mode, mode, path: "/" }));
+const STREAM: Workload = {
+  name: "stream 64 MiB",
+  mode: "stream",
+  path: "/stream",
+};
+const HANDLER: Workload[] = [
+  ...MODES.map((mode) => ({
+    name: `plaintext ${mode}`,
+    mode,
+    path: "/plaintext",
+  })),
+  { name: "json keep-alive", mode: "keep-alive", path: "/json" },
+  {
+    name: "echo 4 KiB keep-alive",
+    mode: "keep-alive",
+    path: "/echo",
+    script: "post.lua",
+  },
+  STREAM,
+];
+
+// wrk.format() with no arguments takes the path from the URL.
+const PIPELINE_LUA = `-- ${PIPELINE_DEPTH} requests per write
 local batch
 function init(args)
   local requests = {}
-  for i = 1, ${PIPELINE_DEPTH} do requests[i] = wrk.format(nil, "/") end
+  for i = 1, ${PIPELINE_DEPTH} do requests[i] = wrk.format() end
   batch = table.concat(requests)
 end
 function request()
@@ -439,12 +806,21 @@ function request()
 end
 `;
 
+const POST_LUA = `-- a POST of ${ECHO_SIZE} bytes
+wrk.method = "POST"
+wrk.body = string.rep("x", ${ECHO_SIZE})
+wrk.headers["Content-Type"] = "application/octet-stream"
+`;
+
 interface Sample {
-  rps: number;
+  /** Requests per second; for the stream, MB (10^6 bytes) per second. */
+  rate: number;
   p99: number;
   errors: number;
   /** The server's CPU time during the run, in cores (1 = one busy core). */
   cpu: number;
+  /** The server's CPU time per request (per download for the stream), µs. */
+  cpuPerRequest: number;
 }
 
 const UNIT_MS: Record<string, number> = {
@@ -455,11 +831,21 @@ const UNIT_MS: Record<string, number> = {
   h: 3600e3,
 };
 
-/** Parses wrk's report: requests/s, p99 in ms, socket and status errors. */
-function parseWrk(output: string): Omit<Sample, "cpu"> {
-  const rps = output.match(/Requests\/sec:\s+([\d.]+)/);
+interface WrkReport {
+  rate: number;
+  requests: number;
+  p99: number;
+  errors: number;
+}
+
+/** Parses wrk's report: requests, p99 in ms, socket and status errors. */
+function parseWrk(output: string): WrkReport {
+  const rate = output.match(/Requests\/sec:\s+([\d.]+)/);
+  const requests = output.match(/(\d+) requests in /);
   const p99 = output.match(/^\s*99(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\b/m);
-  if (!rps || !p99) throw new Error(`unexpected wrk output:\n${output}`);
+  if (!rate || !requests || !p99) {
+    throw new Error(`unexpected wrk output:\n${output}`);
+  }
   let errors = 0;
   const socket = output.match(
     /Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/,
@@ -470,54 +856,106 @@ function parseWrk(output: string): Omit<Sample, "cpu"> {
   // wrk sometimes prints 0.00us percentiles (wg/wrk#236, #354), mostly
   // when pipelining: a zero is no measurement.
   const p99ms = Number(p99[1]) * UNIT_MS[p99[2]];
-  return { rps: Number(rps[1]), p99: p99ms > 0 ? p99ms : NaN, errors };
+  return {
+    rate: Number(rate[1]),
+    requests: Number(requests[1]),
+    p99: p99ms > 0 ? p99ms : NaN,
+    errors,
+  };
 }
 
 interface Load {
   pin: string[];
   connections: number;
   duration: number;
-  luaPath: string;
+  /** The directory of the wrk scripts. */
+  dir: string;
 }
 
-function modeArgs(mode: Mode, load: Load): string[] {
-  if (mode === "pipelined") return ["-s", load.luaPath];
-  if (mode === "close") return ["-H", "Connection: close"];
+function wrkArgs(workload: Workload, load: Load): string[] {
+  if (workload.script) return ["-s", `${load.dir}/${workload.script}`];
+  if (workload.mode === "pipelined") return ["-s", `${load.dir}/pipeline.lua`];
+  if (workload.mode === "close") return ["-H", "Connection: close"];
   return [];
+}
+
+/** Runs a command to its end, killed after `seconds`; returns its stdout. */
+async function outputOf(command: string[], seconds: number): Promise<string> {
+  const child = spawn(command, { cwd: HERE });
+  const timer = setTimeout(() => signal(child, "SIGKILL"), seconds * 1000);
+  try {
+    const { code, stdout, stderr } = await child.output();
+    const output = decoder.decode(stdout);
+    if (code !== 0) {
+      throw new Error(
+        `${command.join(" ")} failed (${code}):\n` +
+          output + decoder.decode(stderr),
+      );
+    }
+    return output;
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /** Runs wrk against `server`, timing the server's CPU meanwhile. */
 async function runWrk(
   server: Server,
-  mode: Mode,
+  workload: Workload,
   load: Load,
 ): Promise<Sample> {
   const ticks = await cpuTicks(server.pid);
   const started = performance.now();
-  const child = spawn([
+  const output = await outputOf([
     ...load.pin,
     "wrk",
     "-t1",
     `-c${load.connections}`,
     `-d${load.duration}s`,
     "--latency",
-    ...modeArgs(mode, load),
-    `http://127.0.0.1:${server.port}/`,
-  ]);
-  const timer = setTimeout(
-    () => signal(child, "SIGKILL"),
-    (load.duration + 30) * 1000,
-  );
-  try {
-    const { code, stdout, stderr } = await child.output();
-    const output = decoder.decode(stdout) + decoder.decode(stderr);
-    if (code !== 0) throw new Error(`wrk failed (${code}):\n${output}`);
-    const seconds = (performance.now() - started) / 1000;
-    const cpu = (await cpuTicks(server.pid) - ticks) / CLOCK_TICKS / seconds;
-    return { ...parseWrk(output), cpu };
-  } finally {
-    clearTimeout(timer);
-  }
+    ...wrkArgs(workload, load),
+    `http://127.0.0.1:${server.port}${workload.path}`,
+  ], load.duration + 30);
+  const seconds = (performance.now() - started) / 1000;
+  const cpuSeconds = (await cpuTicks(server.pid) - ticks) / CLOCK_TICKS;
+  const { rate, requests, p99, errors } = parseWrk(output);
+  return {
+    rate,
+    p99,
+    errors,
+    cpu: cpuSeconds / seconds,
+    cpuPerRequest: cpuSeconds * 1e6 / requests,
+  };
+}
+
+/** Times DOWNLOADS downloads of the streamed response, by a pinned client. */
+async function runDownloads(server: Server, load: Load): Promise<Sample> {
+  const ticks = await cpuTicks(server.pid);
+  const output = await outputOf([
+    ...load.pin,
+    ...ROLE,
+    "--download",
+    String(server.port),
+  ], 120);
+  const cpuSeconds = (await cpuTicks(server.pid) - ticks) / CLOCK_TICKS;
+  const { bytes, seconds } = JSON.parse(output);
+  return {
+    rate: bytes / seconds / 1e6,
+    p99: NaN,
+    errors: 0,
+    cpu: cpuSeconds / seconds,
+    cpuPerRequest: cpuSeconds * 1e6 / DOWNLOADS,
+  };
+}
+
+function runWorkload(
+  server: Server,
+  workload: Workload,
+  load: Load,
+): Promise<Sample> {
+  return workload.mode === "stream"
+    ? runDownloads(server, load)
+    : runWrk(server, workload, load);
 }
 
 // ---------------------------------------------------------------------------
@@ -600,7 +1038,7 @@ async function measureIdle(
   load: Load,
 ): Promise<Memory> {
   // Warm up (JIT, heap) with a short keep-alive run, then let it settle.
-  await runWrk(server, "keep-alive", { ...load, duration: 1 });
+  await runWrk(server, BOOK[0], { ...load, duration: 1 });
   await delay(1_000);
   const beforeKiB = await rssKiB(server.pid);
   const conns = await openIdle(server.port, count);
@@ -636,7 +1074,9 @@ async function idleBudget(wanted: number): Promise<number> {
 // ---------------------------------------------------------------------------
 
 interface Contender extends ServerSpec {
-  modes: Mode[];
+  workloads: Workload[];
+  /** The server whose figures this one's "÷ base" divides by. */
+  base?: string;
 }
 
 interface Environment {
@@ -676,25 +1116,64 @@ const OURS = "ours";
 const OURS_LOG = "ours (log)";
 const ANCHOR = "Deno.serve";
 const NODE = "node:http";
+const FLOOR = "floor";
+const OURS_HANDLER = "ours (handler)";
+const ANCHOR_HANDLER = "Deno.serve (handler)";
 
-function contenders(options: Options, env: Environment, dir: string) {
+/** This file, run in one of its internal roles (`--serve`, `--download`). */
+const ROLE = ["deno", "run", "--allow-net=127.0.0.1", "bench.ts"];
+
+/** The servers of the book's routes. */
+function bookContenders(env: Environment, dir: string): Contender[] {
   const main = ["deno", "run", "--allow-net", "main.ts", "--port", "0"];
   const list: Contender[] = [
-    { name: OURS, command: [...main, "--quiet"], modes: MODES },
     {
-      name: ANCHOR,
-      command: ["deno", "run", "--allow-net", "bench.ts", "--anchor", "deno"],
-      modes: MODES,
+      name: OURS,
+      command: [...main, "--quiet"],
+      workloads: BOOK,
+      base: ANCHOR,
     },
+    { name: ANCHOR, command: [...ROLE, "--serve", "anchor"], workloads: BOOK },
   ];
   if (env.node) {
     list.push({
       name: NODE,
       command: ["node", `${dir}/node_server.mjs`],
-      modes: MODES,
+      workloads: BOOK,
+      base: ANCHOR,
     });
   }
-  list.push({ name: OURS_LOG, command: main, modes: ["keep-alive"] });
+  list.push({ name: OURS_LOG, command: main, workloads: BOOK, base: OURS });
+  return list;
+}
+
+function contenders(
+  options: Options,
+  env: Environment,
+  dir: string,
+): Contender[] {
+  const list: Contender[] = [];
+  if (options.only.has("book")) list.push(...bookContenders(env, dir));
+  if (options.only.has("floor")) {
+    list.push({
+      name: FLOOR,
+      command: [...ROLE, "--serve", "floor"],
+      workloads: BOOK,
+      base: ANCHOR,
+    });
+  }
+  if (options.only.has("handler")) {
+    list.push({
+      name: OURS_HANDLER,
+      command: [...ROLE, "--serve", "ours-handler"],
+      workloads: HANDLER,
+      base: ANCHOR_HANDLER,
+    }, {
+      name: ANCHOR_HANDLER,
+      command: [...ROLE, "--serve", "deno-handler"],
+      workloads: HANDLER,
+    });
+  }
   if (options.workers > 1) {
     const n = options.workers;
     list.push({
@@ -712,7 +1191,8 @@ function contenders(options: Options, env: Environment, dir: string) {
         "--workers",
         String(n),
       ],
-      modes: MODES,
+      workloads: BOOK,
+      base: parallelName(n),
     }, {
       name: parallelName(n),
       command: [
@@ -727,7 +1207,8 @@ function contenders(options: Options, env: Environment, dir: string) {
         `${dir}/anchor_serve.ts`,
       ],
       env: { DENO_JOBS: String(n) },
-      modes: MODES,
+      workloads: BOOK,
+      base: ANCHOR,
     });
   }
   return list;
@@ -739,6 +1220,7 @@ const parallelName = (n: number) => `deno serve --parallel (${n})`;
 async function writeHelpers(dir: string): Promise<void> {
   const benchUrl = new URL("./bench.ts", import.meta.url).href;
   await Deno.writeTextFile(`${dir}/pipeline.lua`, PIPELINE_LUA);
+  await Deno.writeTextFile(`${dir}/post.lua`, POST_LUA);
   await Deno.writeTextFile(`${dir}/node_server.mjs`, nodeServerSource());
   await Deno.writeTextFile(
     `${dir}/anchor_serve.ts`,
@@ -747,9 +1229,28 @@ async function writeHelpers(dir: string): Promise<void> {
   );
 }
 
+/** Samples by `workload|server`, one per round, in round order. */
 type Results = Map<string, Sample[]>;
 
-/** One uncounted second of every mode on every server: JIT, caches, heap. */
+const key = (workload: Workload | string, name: string) =>
+  `${typeof workload === "string" ? workload : workload.name}|${name}`;
+
+/** Every workload in report order, each once. */
+function workloadsOf(list: Contender[]): Workload[] {
+  return [...new Set(list.flatMap((c) => c.workloads))]
+    .sort((a, b) => ALL.indexOf(a) - ALL.indexOf(b));
+}
+
+const ALL = [...BOOK, ...HANDLER];
+
+function fmtSample(workload: Workload, sample: Sample): string {
+  return workload.mode === "stream"
+    ? `${fmtInt(sample.rate)} MB/s`
+    : `${fmtInt(sample.rate)} req/s, p99 ${fmtMs(sample.p99)} ms, ` +
+      `${sample.errors} errors, ${fmtUs(sample.cpuPerRequest)} µs/req`;
+}
+
+/** One uncounted second of every workload on every server: JIT, caches. */
 async function warmUp(
   servers: Map<string, Server>,
   list: Contender[],
@@ -757,9 +1258,9 @@ async function warmUp(
 ): Promise<void> {
   console.error("warming up");
   for (const contender of list) {
-    for (const mode of contender.modes) {
+    for (const workload of contender.workloads) {
       const server = servers.get(contender.name)!;
-      await runWrk(server, mode, { ...load, duration: 1 });
+      await runWorkload(server, workload, { ...load, duration: 1 });
     }
   }
 }
@@ -772,21 +1273,23 @@ async function runRounds(
 ): Promise<Results> {
   const results: Results = new Map();
   for (let round = 1; round <= options.rounds; round++) {
-    for (const mode of MODES) {
-      for (const contender of list.filter((c) => c.modes.includes(mode))) {
+    for (const workload of workloadsOf(list)) {
+      for (const contender of list) {
+        if (!contender.workloads.includes(workload)) continue;
         const server = servers.get(contender.name)!;
-        const sample = await runWrk(server, mode, load).catch((error) => {
-          throw new Error(
-            `${contender.name}, ${mode}: ${error.message}\n` +
-              `server stderr: ${server.stderr()}`,
-          );
-        });
-        const key = `${mode}|${contender.name}`;
-        results.set(key, [...results.get(key) ?? [], sample]);
+        const sample = await runWorkload(server, workload, load).catch(
+          (error) => {
+            throw new Error(
+              `${contender.name}, ${workload.name}: ${error.message}\n` +
+                `server stderr: ${server.stderr()}`,
+            );
+          },
+        );
+        const samples = results.get(key(workload, contender.name)) ?? [];
+        results.set(key(workload, contender.name), [...samples, sample]);
         console.error(
-          `round ${round}/${options.rounds} ${mode.padEnd(10)} ` +
-            `${contender.name.padEnd(28)} ${fmtInt(sample.rps)} req/s, ` +
-            `p99 ${fmtMs(sample.p99)} ms, ${sample.errors} errors, ` +
+          `round ${round}/${options.rounds} ${workload.name.padEnd(21)} ` +
+            `${contender.name.padEnd(28)} ${fmtSample(workload, sample)}, ` +
             `server CPU ${fmtPercent(sample.cpu)}`,
         );
       }
@@ -840,6 +1343,10 @@ function fmtMs(ms: number): string {
   return Number.isFinite(ms) ? ms.toFixed(2) : "n/a";
 }
 
+function fmtUs(us: number): string {
+  return Number.isFinite(us) ? us.toFixed(2) : "n/a";
+}
+
 function fmtPercent(fraction: number): string {
   return `${Math.round(fraction * 100)}%`;
 }
@@ -849,39 +1356,46 @@ function fmtInt(n: number): string {
 }
 
 interface Summary {
-  rps: number;
+  rate: number;
   p99: number;
   errors: number;
   cpu: number;
-  /** Requests per second of server CPU time. */
-  perCpu: number;
+  cpuPerRequest: number;
 }
 
-function summarize(results: Results, mode: Mode, name: string): Summary {
-  const samples = results.get(`${mode}|${name}`);
-  if (!samples) return { rps: NaN, p99: NaN, errors: 0, cpu: NaN, perCpu: NaN };
+function summarize(results: Results, key: string): Summary {
+  const samples = results.get(key) ?? [];
   return {
-    rps: median(samples.map((s) => s.rps)),
+    rate: median(samples.map((s) => s.rate)),
     p99: median(samples.map((s) => s.p99)),
     errors: samples.reduce((sum, s) => sum + s.errors, 0),
     cpu: median(samples.map((s) => s.cpu)),
-    perCpu: median(samples.map((s) => s.rps / s.cpu)),
+    cpuPerRequest: median(samples.map((s) => s.cpuPerRequest)),
   };
 }
 
 /**
- * The median over rounds of `name`'s req/s divided by `base`'s in the same
- * round: the two ran back to back, so a round's noise mostly cancels.
+ * The median over rounds of a figure of `key`'s sample divided by the same
+ * figure of `base`'s in the same round: the two ran close together, so a
+ * round's noise mostly cancels. NaN when either was not measured.
  */
 function pairedRatio(
   results: Results,
-  mode: Mode,
-  name: string,
+  key: string,
   base: string,
+  figure: (sample: Sample) => number = (sample) => sample.rate,
 ): number {
-  const a = results.get(`${mode}|${name}`) ?? [];
-  const b = results.get(`${mode}|${base}`) ?? [];
-  return median(a.map((sample, i) => sample.rps / (b[i]?.rps ?? NaN)));
+  const a = results.get(key) ?? [];
+  const b = results.get(base) ?? [];
+  return median(a.map((sample, i) => figure(sample) / figure(b[i] ?? NaN)));
+}
+
+/** Requests per second of server CPU: the floor's divided by it is ≤ 1. */
+const perCpu = (sample: Sample) => 1 / sample.cpuPerRequest;
+
+/** Where a workload's floor figures are: the floor's run in its mode. */
+function floorKey(workload: Workload): string {
+  return key(workload.mode, FLOOR);
 }
 
 function ratio(value: number): string {
@@ -893,33 +1407,52 @@ interface Target {
   pass: boolean;
 }
 
-function throughputTable(
-  results: Results,
-  list: Contender[],
-  options: Options,
-): string[] {
+function throughputTable(results: Results, list: Contender[]): string[] {
   const lines = [
-    "| mode | server | req/s | p99 ms | errors | ÷ base | server CPU | " +
-    "req/CPU-s |",
-    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    "| workload | server | req/s | p99 ms | errors | ÷ base | ÷ floor | " +
+    "server CPU | CPU µs/req | req/CPU-s ÷ floor |",
+    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
   ];
-  for (const mode of MODES) {
-    for (const contender of list.filter((c) => c.modes.includes(mode))) {
-      const s = summarize(results, mode, contender.name);
-      const base = contender.name === workersName(options.workers)
-        ? parallelName(options.workers)
-        : contender.name === OURS_LOG
-        ? OURS
-        : ANCHOR;
-      const shown = contender.name === ANCHOR
-        ? "–"
-        : ratio(pairedRatio(results, mode, contender.name, base));
+  for (const workload of workloadsOf(list)) {
+    if (workload.mode === "stream") continue;
+    for (const contender of list) {
+      if (!contender.workloads.includes(workload)) continue;
+      const at = key(workload, contender.name);
+      const s = summarize(results, at);
+      const base = contender.base
+        ? ratio(pairedRatio(results, at, key(workload, contender.base)))
+        : "–";
+      const floor = floorKey(workload);
+      const [toFloor, cpuToFloor] = contender.name === FLOOR ? ["–", "–"] : [
+        ratio(pairedRatio(results, at, floor)),
+        ratio(pairedRatio(results, at, floor, perCpu)),
+      ];
       lines.push(
-        `| ${mode} | ${contender.name} | ${fmtInt(s.rps)} | ` +
-          `${fmtMs(s.p99)} | ${s.errors} | ${shown} | ${fmtPercent(s.cpu)} ` +
-          `| ${fmtInt(s.perCpu)} |`,
+        `| ${workload.name} | ${contender.name} | ${fmtInt(s.rate)} | ` +
+          `${fmtMs(s.p99)} | ${s.errors} | ${base} | ${toFloor} | ` +
+          `${fmtPercent(s.cpu)} | ${fmtUs(s.cpuPerRequest)} | ${cpuToFloor} |`,
       );
     }
+  }
+  return lines;
+}
+
+function streamTable(results: Results, list: Contender[]): string[] {
+  const lines = [
+    "| workload | server | MB/s | ÷ base | server CPU | CPU ms per 64 MiB |",
+    "| --- | --- | ---: | ---: | ---: | ---: |",
+  ];
+  for (const contender of list) {
+    if (!contender.workloads.includes(STREAM)) continue;
+    const at = key(STREAM, contender.name);
+    const s = summarize(results, at);
+    const base = contender.base
+      ? ratio(pairedRatio(results, at, key(STREAM, contender.base)))
+      : "–";
+    lines.push(
+      `| ${STREAM.name} | ${contender.name} | ${fmtInt(s.rate)} | ${base} | ` +
+        `${fmtPercent(s.cpu)} | ${(s.cpuPerRequest / 1000).toFixed(1)} |`,
+    );
   }
   return lines;
 }
@@ -938,54 +1471,111 @@ function memoryTable(memory: Map<string, Memory>): string[] {
   return lines;
 }
 
-function targets(results: Results, memory: Map<string, Memory>): Target[] {
-  const ours = (mode: Mode) => summarize(results, mode, OURS);
-  const anchor = (mode: Mode) => summarize(results, mode, ANCHOR);
-  const times = (mode: Mode) => pairedRatio(results, mode, OURS, ANCHOR);
-  const kib = memory.get(OURS)?.kibPerConnection ?? NaN;
-  const log = pairedRatio(results, "keep-alive", OURS_LOG, OURS);
-  let oursErrors = 0;
-  for (const [key, samples] of results) {
-    if (!key.split("|")[1].startsWith(OURS)) continue;
-    for (const sample of samples) oursErrors += sample.errors;
+/** A target on a ratio: PASS when it is at least `least`. */
+function atLeast(label: string, value: number, least: number): Target {
+  return {
+    label: `${label} ≥ ${least.toFixed(2)}× (${ratio(value)})`,
+    pass: value >= least,
+  };
+}
+
+/** The targets of the sections that ran (issues 8 and 11). */
+function targets(
+  results: Results,
+  memory: Map<string, Memory>,
+  options: Options,
+): Target[] {
+  const has = (section: Section) => options.only.has(section);
+  const vs = (workload: string, name: string, base: string) =>
+    pairedRatio(results, key(workload, name), key(workload, base));
+  const checks: Target[] = [];
+  if (has("book")) {
+    const p99 = summarize(results, key("keep-alive", OURS)).p99;
+    const anchorP99 = summarize(results, key("keep-alive", ANCHOR)).p99;
+    checks.push(
+      atLeast(
+        "book keep-alive: ours ÷ Deno.serve req/s",
+        vs("keep-alive", OURS, ANCHOR),
+        1,
+      ),
+      {
+        label: `book keep-alive: ours p99 no worse than Deno.serve ` +
+          `(${fmtMs(p99)} vs ${fmtMs(anchorP99)} ms)`,
+        pass: p99 <= anchorP99,
+      },
+      atLeast(
+        "book pipelined: ours ÷ Deno.serve req/s",
+        vs("pipelined", OURS, ANCHOR),
+        5,
+      ),
+      atLeast(
+        "book Connection: close: ours ÷ Deno.serve req/s",
+        vs("close", OURS, ANCHOR),
+        1,
+      ),
+      ...MODES.map((mode) =>
+        atLeast(
+          `book ${mode}: access log on ÷ quiet req/s`,
+          vs(mode, OURS_LOG, OURS),
+          0.9,
+        )
+      ),
+    );
   }
-  const p99 = ours("keep-alive").p99;
-  const anchorP99 = anchor("keep-alive").p99;
-  return [
-    {
-      label: `keep-alive ≥ 1.2× anchor req/s (${
-        times("keep-alive").toFixed(2)
-      }×)`,
-      pass: times("keep-alive") >= 1.2,
-    },
-    {
-      label: `keep-alive p99 no worse than anchor ` +
-        `(${fmtMs(p99)} vs ${fmtMs(anchorP99)} ms)`,
-      pass: p99 <= anchorP99,
-    },
-    {
-      label: `pipelined ≥ 5× anchor req/s (${times("pipelined").toFixed(2)}×)`,
-      pass: times("pipelined") >= 5,
-    },
-    {
-      label: `Connection: close ≥ 1.0× anchor req/s (${
-        times("close").toFixed(2)
-      }×)`,
-      pass: times("close") >= 1,
-    },
-    {
+  if (has("book") && has("floor")) {
+    const cpu = pairedRatio(
+      results,
+      key("keep-alive", OURS),
+      key("keep-alive", FLOOR),
+      perCpu,
+    );
+    checks.push(
+      atLeast(
+        "book keep-alive: ours ÷ floor req/s",
+        vs("keep-alive", OURS, FLOOR),
+        0.97,
+      ),
+      atLeast("book keep-alive: ours ÷ floor req per CPU-second", cpu, 0.97),
+      atLeast(
+        "book pipelined: ours ÷ floor req/s",
+        vs("pipelined", OURS, FLOOR),
+        0.7,
+      ),
+    );
+  }
+  if (has("memory")) {
+    const kib = memory.get(OURS)?.kibPerConnection ?? NaN;
+    checks.push({
       label: `idle memory ≤ 9 KiB per connection (${kib.toFixed(2)} KiB)`,
       pass: kib <= 9,
-    },
-    {
-      label: `access log on ≥ 0.9× quiet req/s (${log.toFixed(2)}×)`,
-      pass: log >= 0.9,
-    },
-    {
-      label: `zero errors in every run of ours (${oursErrors})`,
-      pass: oursErrors === 0,
-    },
-  ];
+    });
+  }
+  if (has("handler")) {
+    const handler = (workload: string, least: number) =>
+      atLeast(
+        `handler ${workload}: ours ÷ Deno.serve`,
+        vs(workload, OURS_HANDLER, ANCHOR_HANDLER),
+        least,
+      );
+    checks.push(
+      handler("plaintext keep-alive", 0.9),
+      handler("plaintext pipelined", 3),
+      handler("plaintext close", 1),
+      handler("json keep-alive", 0.9),
+      handler("echo 4 KiB keep-alive", 0.9),
+      handler(STREAM.name, 0.9),
+    );
+  }
+  let oursErrors = 0;
+  for (const [at, samples] of results) {
+    if (!at.split("|")[1].startsWith(OURS)) continue;
+    for (const sample of samples) oursErrors += sample.errors;
+  }
+  checks.push({
+    label: `zero errors in every run of ours (${oursErrors})`,
+    pass: oursErrors === 0,
+  });
+  return checks;
 }
 
 function report(
@@ -998,32 +1588,48 @@ function report(
   const pinning = env.wrkPin.length
     ? `wrk on CPU 0, servers on CPU ${env.serverPin[2]}`
     : "no CPU pinning (one CPU, or no taskset)";
-  const checks = targets(results, memory);
+  const checks = targets(results, memory, options);
   const lines = [
     `## Benchmark, ${env.date}`,
     "",
     `- ${env.deno}; node ${env.node ?? "not found"}`,
     `- CPU: ${env.cpu}; nproc ${env.nproc}; ${pinning}`,
-    `- wrk, 1 thread, ${options.connections} connections, ` +
-    `${options.duration} s per run, ${options.rounds} rounds, servers ` +
-    `alternated; pipelined = ${PIPELINE_DEPTH} requests per write`,
+    `- sections: ${[...options.only].join(", ")}; wrk, 1 thread, ` +
+    `${options.connections} connections, ${options.duration} s per run, ` +
+    `${options.rounds} rounds, servers alternated; pipelined = ` +
+    `${PIPELINE_DEPTH} requests per write`,
     `- medians over rounds of req/s, p99, server CPU (% of one core) and ` +
-    `req/s per core of server CPU; "÷ base" is the median over rounds of ` +
-    `the ratio within each round (the two ran back to back); errors ` +
-    `summed; wrk times a pipelined ` +
-    `batch as one request and often prints no percentile for it (n/a)`,
-    `- base = the anchor, \`Deno.serve\` with the same routes and hello ` +
-    `page; for "ours (log)" (access log into a pipe the bench drains) it ` +
-    `is ours (quiet); for "ours --workers N" it is \`deno serve --parallel\``,
+    `the server process's CPU time per request (/proc/PID/stat, user + ` +
+    `system, around each wrk run); "÷ base" and "÷ floor" are the median ` +
+    `over rounds of the ratio within each round; "req/CPU-s ÷ floor" is the ` +
+    `same for requests per CPU-second (the floor's µs/req over the ` +
+    `server's); errors summed; wrk times a pipelined batch as one request ` +
+    `and often prints no percentile for it (n/a)`,
+    `- base = \`Deno.serve\` with the same routes and hello page; for ` +
+    `"ours (log)" (access log into a pipe the bench drains) it is ours ` +
+    `(quiet); for "ours (handler)" it is \`Deno.serve\` with the same ` +
+    `handler; for "ours --workers N" it is \`deno serve --parallel\``,
+    `- floor = a bare \`Deno.listen\` loop in bench.ts that counts request ` +
+    `heads and writes the hello page with a fixed head per head, one write ` +
+    `per read; the handler rows are divided by its run in the same mode`,
+    `- handler rows: one handler on both servers (\`GET /plaintext\`, ` +
+    `\`GET /json\`, \`POST /echo\` of ${ECHO_SIZE} bytes read with ` +
+    `\`arrayBuffer()\`); the stream is ${DOWNLOADS} sequential downloads ` +
+    `of a ReadableStream of ${STREAM_CHUNKS} × ${STREAM_CHUNK / 1024} KiB ` +
+    `per sample (Connection: close), read raw and discarded by a pinned ` +
+    `client; MB = 10^6 bytes of body`,
     `- idle memory: growth of the server's VmRSS once it has answered one ` +
     `\`GET /\` on each idle keep-alive connection (ours: --idle-timeout 60)`,
-    "",
-    ...throughputTable(results, list, options),
-    "",
-    ...memoryTable(memory),
+  ];
+  if (list.length > 0) lines.push("", ...throughputTable(results, list));
+  if (list.some((c) => c.workloads.includes(STREAM))) {
+    lines.push("", ...streamTable(results, list));
+  }
+  if (memory.size > 0) lines.push("", ...memoryTable(memory));
+  lines.push(
     "",
     ...checks.map((t) => `${t.pass ? "PASS" : "FAIL"} ${t.label}`),
-  ];
+  );
   if (options.workers > 1 && options.workers >= env.nproc) {
     lines.push(
       "",
@@ -1054,28 +1660,32 @@ async function bench(options: Options): Promise<boolean> {
       pin: env.wrkPin,
       connections: options.connections,
       duration: options.duration,
-      luaPath: `${dir}/pipeline.lua`,
+      dir,
     };
     for (const contender of list) {
       const server = await startServer(contender, env.serverPin);
       servers.set(contender.name, server);
-      await checkHello(server);
+      const check = contender.workloads === HANDLER ? checkHandler : checkHello;
+      await check(server);
     }
     await warmUp(servers, list, load);
     const results = await runRounds(servers, list, options, load);
     await stop([...servers.values()].map((server) => server.child));
     servers.clear();
-    const idle = await idleBudget(options.idleConnections);
-    if (idle < options.idleConnections) {
-      console.error(
-        `open-file limit: measuring ${idle} idle connections ` +
-          `(run \`ulimit -n 65536\` first for ${options.idleConnections})`,
+    let memory = new Map<string, Memory>();
+    if (options.only.has("memory")) {
+      const idle = await idleBudget(options.idleConnections);
+      if (idle < options.idleConnections) {
+        console.error(
+          `open-file limit: measuring ${idle} idle connections ` +
+            `(run \`ulimit -n 65536\` first for ${options.idleConnections})`,
+        );
+      }
+      const memoryList = bookContenders(env, dir).filter((c) =>
+        c.name !== OURS_LOG
       );
+      memory = await measureMemory(memoryList, idle, env, load);
     }
-    const memoryList = list.filter((c) =>
-      [OURS, ANCHOR, NODE].includes(c.name)
-    );
-    const memory = await measureMemory(memoryList, idle, env, load);
     return report(env, options, results, list, memory).every((t) => t.pass);
   } finally {
     await cleanUp();
@@ -1083,7 +1693,7 @@ async function bench(options: Options): Promise<boolean> {
 }
 
 /** Parses the flags, or exits 2 with the usage. */
-function optionsOrExit(args: string[]): Options & { anchor?: string } {
+function optionsOrExit(args: string[]): Options & Internal {
   try {
     return parseOptions(args);
   } catch (error) {
@@ -1092,12 +1702,29 @@ function optionsOrExit(args: string[]): Options & { anchor?: string } {
   }
 }
 
+/** Runs one of the servers the bench starts as subprocesses. */
+function serveRole(role: string): void {
+  switch (role) {
+    case "anchor":
+      return serveAnchor();
+    case "floor":
+      serveFloor();
+      return;
+    case "deno-handler":
+      return serveDenoHandler();
+    case "ours-handler":
+      return serveOursHandler();
+    default:
+      throw new Error(`unknown server: ${role}`);
+  }
+}
+
 if (import.meta.main) {
   const options = optionsOrExit(Deno.args);
-  if (options.anchor === "deno") {
-    serveAnchor();
-  } else if (options.anchor !== undefined) {
-    throw new Error(`unknown anchor: ${options.anchor}`);
+  if (options.serve !== undefined) {
+    serveRole(options.serve);
+  } else if (options.download !== undefined) {
+    await download(options.download);
   } else {
     const interrupted = () => {
       cleanUp().finally(() => Deno.exit(130));

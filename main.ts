@@ -809,17 +809,21 @@ export const INCOMPLETE = 0;
  * facts the server acts on. One per connection, reused for every request.
  */
 export class RequestHead {
-  /** Where the method begins and ends in the buffer. */
+  /** Where the method begins in the buffer. */
   methodStart = 0;
+  /** Where the method ends. */
   methodEnd = 0;
-  /** Where the request-target begins and ends. */
+  /** Where the request-target begins. */
   targetStart = 0;
+  /** Where the request-target ends. */
   targetEnd = 0;
-  /** Where the Host field's value begins and ends; both 0 without one. */
+  /** Where the Host field's value begins. */
   hostStart = 0;
+  /** Where the Host field's value ends; 0 without one. */
   hostEnd = 0;
   /** Each field line as four offsets: name start and end, value start and end. */
   fields = new Int32Array(4 * DEFAULTS.maxFields);
+  /** How many field lines {@linkcode RequestHead.fields} holds. */
   fieldCount = 0;
   /** Where the request line ends (before its CRLF); 0 until it has parsed. */
   lineEnd = 0;

@@ -5,6 +5,9 @@
 # this script asks the tools people actually use whether they agree: curl,
 # ApacheBench, wrk, Deno's and Node's fetch, node:http, headless Chromium,
 # and nginx as reverse proxy / load balancer, including a rolling restart.
+# Applications behind the server (.ci/apps/): streamed bodies both ways and
+# Server-Sent Events through `--app`, and a real framework, Hono from npm,
+# through both `--app` and `serve(app.fetch)`.
 #
 #   bash .ci/interop.sh                       # from anywhere
 #   CI=true bash .ci/interop.sh               # a missing tool is a failure
@@ -12,7 +15,8 @@
 #   KEEP_WORK=1 bash .ci/interop.sh           # keep the logs in $TMPDIR
 #
 # Tools (Debian packages): curl, apache2-utils (ab), wrk, nodejs (node),
-# chromium, nginx-light (nginx), iproute2 (ss); deno comes from npm.
+# chromium, nginx-light (nginx), iproute2 (ss); deno comes from npm, and so
+# does Hono (deno fetches npm:hono@4 into its cache on the first run).
 # Everything talks to 127.0.0.1 only, every command is bounded by `timeout`,
 # and the whole run takes about a minute.
 set -euo pipefail
@@ -49,18 +53,21 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# start_server NAME [FLAGS...]: starts an instance on a free port and waits
-# for its first line, "Listening on http://127.0.0.1:PORT/", to learn the
-# port. Sets PID[NAME] and PORT[NAME]; stdout (the access log) goes to
+# launch NAME COMMAND...: starts a server that listens on a free port and
+# waits for its first line, "Listening on http://127.0.0.1:PORT/", to learn
+# the port. Sets PID[NAME] and PORT[NAME]; stdout (the access log) goes to
 # $WORK/NAME.out and stderr to $WORK/NAME.err. `timeout` is the backstop if
 # this script is killed outright; it passes our SIGTERM on to deno and exits
 # with deno's status, so PID[NAME] can be signalled and waited for as if it
-# were the server itself.
-start_server() {
+# were the server itself. A server that does not start is a failure, shown
+# with its stderr, and launch returns 1.
+launch() {
   local name=$1 line="" _
   shift
-  timeout -k 5 300 deno run --allow-net main.ts --port 0 "$@" \
-    >"$WORK/$name.out" 2>"$WORK/$name.err" &
+  # Made here, not by the background job, so the first look finds them.
+  : >"$WORK/$name.out"
+  : >"$WORK/$name.err"
+  timeout -k 5 300 "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
   PID[$name]=$!
   PIDS+=("$!")
   for _ in $(seq 150); do # up to 15 s
@@ -73,9 +80,27 @@ start_server() {
     PORT[$name]=${BASH_REMATCH[1]}
   else
     fail "server '$name' started (first line: '$line')"
-    cat "$WORK/$name.err"
-    exit 1
+    head -n 20 "$WORK/$name.err" | sed "s/^/        /"
+    return 1
   fi
+}
+
+# start_server NAME [FLAGS...]: main.ts with the book's routes; the checks
+# cannot go on without it.
+start_server() {
+  local name=$1
+  shift
+  launch "$name" deno run --allow-net main.ts --port 0 "$@" || exit 1
+}
+
+# start_app NAME MODULE [FLAGS...]: main.ts serving MODULE with --app, which
+# needs --allow-read to import it. --no-lock: importing npm:hono would
+# otherwise write a deno.lock into the work tree.
+start_app() {
+  local name=$1 app=$2
+  shift 2
+  launch "$name" deno run --no-lock --allow-net --allow-read main.ts \
+    --port 0 --app "$app" "$@"
 }
 
 # stop_server NAME: SIGTERM, then its exit status (124 if it hung for 20 s).
@@ -244,6 +269,61 @@ head -c 921600 /dev/urandom >"$WORK/large.bin"  # 900 KiB, under --max-body
 head -c 1153434 /dev/urandom >"$WORK/huge.bin"  # 1.1 MiB, over it
 
 # ---------------------------------------------------------------------------
+# Applications behind the server (.ci/apps/): the clients below check them
+# alongside the book's routes. First, the modules --app must refuse.
+# ---------------------------------------------------------------------------
+
+# app_refused MODULE TEXT [DENO FLAGS...]: main.ts will not serve MODULE: it
+# exits 2 with one line on stderr that names the problem (the line contains
+# TEXT), and listens on nothing. No stdin: deno must not prompt.
+app_refused() {
+  local app=$1 text=$2 rc=0
+  shift 2
+  timeout 30 deno run "$@" main.ts --port 0 --app "$app" </dev/null \
+    >"$WORK/refused.out" 2>"$WORK/refused.err" || rc=$?
+  note "stderr: $(head -c 300 "$WORK/refused.err")"
+  expect "$rc" 2 "exit status"
+  expect "$(grep -c '' "$WORK/refused.err")" 1 "lines on stderr"
+  contains "$WORK/refused.err" "$text"
+  expect "$(grep -c Listening "$WORK/refused.out")" 0 "'Listening' lines"
+}
+
+section "apps"
+check "--app a missing file: one line naming it, exit 2" \
+  app_refused .ci/apps/missing.ts missing.ts --allow-net --allow-read
+check "--app a module whose default export has no fetch: one line, exit 2" \
+  app_refused .ci/apps/no_fetch.ts fetch --allow-net --allow-read
+check "--app without --allow-read: one line naming the flag, exit 2" \
+  app_refused .ci/apps/stream_app.ts --allow-read --allow-net
+
+# Streams both ways and Server-Sent Events.
+STREAM=""
+if start_app stream .ci/apps/stream_app.ts; then
+  STREAM="http://127.0.0.1:${PORT[stream]}"
+  echo "  $STREAM/ --app .ci/apps/stream_app.ts (pid ${PID[stream]})"
+fi
+
+# Hono, from the npm registry: fetched into deno's cache here, bounded,
+# rather than by a server while a client waits for it to start.
+HONO_APP=""
+HONO_SERVE=""
+if timeout 180 deno cache --no-lock .ci/apps/hono_app.ts \
+  >"$WORK/hono-cache.log" 2>&1; then
+  if start_app hono-app .ci/apps/hono_app.ts; then
+    HONO_APP="http://127.0.0.1:${PORT[hono-app]}"
+    echo "  $HONO_APP/ --app .ci/apps/hono_app.ts (pid ${PID[hono-app]})"
+  fi
+  if launch hono-serve deno run --no-lock --allow-net .ci/apps/hono_serve.ts
+  then
+    HONO_SERVE="http://127.0.0.1:${PORT[hono-serve]}"
+    echo "  $HONO_SERVE/ serve(app.fetch) (pid ${PID[hono-serve]})"
+  fi
+else
+  fail "deno cache npm:hono@4 (from the npm registry)"
+  tail -n 20 "$WORK/hono-cache.log" | sed "s/^/        /"
+fi
+
+# ---------------------------------------------------------------------------
 # curl: the reference client, one behaviour per check
 # ---------------------------------------------------------------------------
 
@@ -344,6 +424,49 @@ curl_413() {
     -o /dev/null -w '%{http_code}' "$BASE/echo")" 413 "status without Expect"
 }
 
+# Server-Sent Events as `curl -N` shows them. The server sends event 2 only
+# after /ack, which is requested only once curl has shown event 1: a server
+# that held the stream back until its end fails here (it then sends event 1
+# after a 5 s wait for the ack, together with "two, without an ack").
+curl_sse() {
+  local id="curl-$$" curl _
+  timeout 30 curl -sS -N --max-time 20 -D "$WORK/sse.hdr" \
+    "$STREAM/events?id=$id" >"$WORK/sse.txt" &
+  curl=$!
+  for _ in $(seq 100); do # up to 10 s
+    grep -qx 'data: one' "$WORK/sse.txt" && break
+    sleep 0.1
+  done
+  contains "$WORK/sse.txt" "data: one"
+  kill -0 "$curl" 2>/dev/null || {
+    echo "the stream had ended before the ack"
+    return 1
+  }
+  expect "$(c "$STREAM/ack?id=$id")" acknowledged "/ack"
+  wait "$curl"
+  tr -d '\r' <"$WORK/sse.hdr" >"$WORK/sse.headers"
+  grep -qix 'content-type: text/event-stream' "$WORK/sse.headers"
+  grep -qix 'transfer-encoding: chunked' "$WORK/sse.headers"
+  cat >"$WORK/sse.expected" <<'EOF'
+: a comment, which clients ignore
+
+id: 1
+data: one
+
+id: 2
+data: two, after the ack
+
+id: 3
+data: three
+data: in two lines
+
+event: done
+data: bye
+
+EOF
+  diff -u "$WORK/sse.expected" "$WORK/sse.txt"
+}
+
 section "curl"
 if have curl curl; then
   check "curl: GET / is 200 with the hello page" curl_get
@@ -356,6 +479,9 @@ if have curl curl; then
   check "curl: /nope is 404 with the Oops page" curl_404
   check "curl: DELETE / is 405 with Allow" curl_405
   check "curl: a 1.1 MiB body is 413" curl_413
+  if [ -n "$STREAM" ]; then
+    check "curl -N: Server-Sent Events arrive as they are sent" curl_sse
+  fi
 fi
 
 # ---------------------------------------------------------------------------
@@ -413,8 +539,14 @@ if ! have ss iproute2; then SS=0; fi
 
 section "deno fetch"
 rc=0
-INTEROP_URL="$BASE/" INTEROP_SS=$SS timeout 120 deno test --reporter=tap \
-  --allow-net=127.0.0.1 --allow-env=INTEROP_URL,INTEROP_SS --allow-run=ss \
+# A server that did not start is named by an empty variable: its tests are
+# ignored (its start was a failure already).
+variables=(INTEROP_URL INTEROP_SS INTEROP_STREAM_URL INTEROP_HONO_APP_URL
+  INTEROP_HONO_SERVE_URL)
+INTEROP_URL="$BASE/" INTEROP_SS=$SS INTEROP_STREAM_URL=$STREAM \
+  INTEROP_HONO_APP_URL=$HONO_APP INTEROP_HONO_SERVE_URL=$HONO_SERVE \
+  timeout 120 deno test --reporter=tap --allow-net=127.0.0.1 \
+  --allow-env="$(IFS=,; echo "${variables[*]}")" --allow-run=ss \
   .ci/interop_test.ts >"$WORK/deno-test.log" 2>&1 || rc=$?
 tap_results "$rc" "$WORK/deno-test.log"
 
@@ -423,7 +555,7 @@ tap_results "$rc" "$WORK/deno-test.log"
 cat >"$WORK/node_test.mjs" <<'EOF'
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes, randomUUID } from "node:crypto";
 import http from "node:http";
 import { setTimeout as sleep } from "node:timers/promises";
 import { test } from "node:test";
@@ -550,12 +682,79 @@ test("node:http keep-alive agent: one socket, chunked echo", async () => {
     agent.destroy();
   }
 });
+
+// Streaming both ways, against .ci/apps/stream_app.ts behind main.ts (see
+// its module doc): a second request says that the first part travelled
+// before the rest was sent.
+const stream = process.env.INTEROP_STREAM_URL &&
+  new URL(process.env.INTEROP_STREAM_URL);
+
+test("node fetch: a streamed upload reaches the handler as it is sent", {
+  skip: !stream,
+}, async () => {
+  const id = `node-${randomUUID()}`;
+  const chunks = Array.from({ length: 8 }, () => randomBytes(16 * 1024));
+  let sent = 0;
+  let seen = "";
+  // Pulled only when fetch wants the next chunk (highWaterMark 0): the
+  // second is not made until the handler has said it has the first.
+  const body = new ReadableStream({
+    async pull(controller) {
+      if (sent === 1) {
+        const answer = await fetch(new URL(`/seen?id=${id}`, stream));
+        seen = `${answer.status} ${await answer.text()}`;
+      } else if (sent > 1) {
+        await sleep(20);
+      }
+      if (sent === chunks.length) controller.close();
+      else controller.enqueue(chunks[sent++]);
+    },
+  }, { highWaterMark: 0 });
+  const response = await fetch(new URL(`/upload?id=${id}`, stream), {
+    method: "POST",
+    body,
+    duplex: "half",
+  });
+  const report = await response.json();
+  assert.equal(response.status, 200);
+  assert.equal(seen, "200 the handler has the first chunk\n");
+  const all = Buffer.concat(chunks);
+  assert.equal(report.bytes, all.length);
+  assert.equal(report.sha256, createHash("sha256").update(all).digest("hex"));
+  assert.ok(report.chunks >= 2, `the handler saw ${report.chunks} chunk(s)`);
+});
+
+test("node fetch: a streamed response arrives chunk by chunk", {
+  skip: !stream,
+}, async () => {
+  const id = `node-${randomUUID()}`;
+  const response = await fetch(new URL(`/ticks?id=${id}`, stream));
+  assert.equal(response.status, 200);
+  const reader = response.body.pipeThrough(new TextDecoderStream())
+    .getReader();
+  // The first line must come while the stream waits for our ack; a server
+  // that held it back sends it only after the wait, with the rest.
+  let text = "";
+  while (!text.includes("\n")) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    text += value;
+  }
+  assert.equal(text, "tick 1\n", "what came before the ack");
+  const ack = await fetch(new URL(`/ack?id=${id}`, stream));
+  assert.equal(await ack.text(), "acknowledged\n");
+  for (let part = await reader.read(); !part.done; part = await reader.read()) {
+    text += part.value;
+  }
+  assert.equal(text, "tick 1\ntick 2 after the ack\n");
+});
 EOF
 
 section "node fetch, node:http"
 if have node nodejs; then
   rc=0
-  INTEROP_URL="$BASE/" INTEROP_SS=$SS timeout 60 node --test \
+  INTEROP_URL="$BASE/" INTEROP_SS=$SS INTEROP_STREAM_URL=$STREAM \
+    timeout 60 node --test \
     --test-reporter=tap "$WORK/node_test.mjs" >"$WORK/node-test.log" 2>&1 ||
     rc=$?
   tap_results "$rc" "$WORK/node-test.log"
@@ -596,10 +795,32 @@ chromium_screenshot() {
   note "$SHOT"
 }
 
+# EventSource in a real browser. The stream app's page lists each event in
+# its DOM and acknowledges the first, which the server waits for before it
+# sends the second; so "after the ack" shows that the browser had event 1
+# while the stream was open. --virtual-time-budget lets the page's scripts
+# run (up to 10 s on the page's clock) before the DOM is dumped.
+chromium_events() {
+  chromium_run --virtual-time-budget=10000 --dump-dom "$STREAM/sse.html" \
+    >"$WORK/sse-dom.html" 2>"$WORK/chromium-sse.log"
+  local events=(
+    "1: one" "2: two, after the ack" "3: three / in two lines" "done: bye"
+  )
+  # All four, in order, and nothing else (such as an "error" item).
+  contains "$WORK/sse-dom.html" \
+    "<ol id=\"events\">$(printf '<li>%s</li>' "${events[@]}")</ol>" || {
+    grep -o '<ol id="events">.*</ol>' "$WORK/sse-dom.html"
+    return 1
+  }
+}
+
 section "chromium"
 if have chromium chromium; then
   check "chromium: --dump-dom shows the hello page" chromium_dom
   check "chromium: 800x400 screenshot" chromium_screenshot
+  if [ -n "$STREAM" ]; then
+    check "chromium: EventSource events show in the DOM" chromium_events
+  fi
 fi
 
 # ---------------------------------------------------------------------------
@@ -746,10 +967,28 @@ main_shutdown() {
   expect "$(tail -n 1 "$WORK/main.out")" "Shutting down." "last line"
 }
 
+# The application servers that started, the same way.
+APPS=()
+declare -A APP_RC
+for name in stream hono-app hono-serve; do
+  [ -n "${PORT[$name]:-}" ] || continue
+  APPS+=("$name")
+  APP_RC[$name]=0
+  stop_server "$name" || APP_RC[$name]=$?
+done
+
+apps_shutdown() {
+  local name
+  for name in "${APPS[@]}"; do
+    expect "${APP_RC[$name]}" 0 "$name's exit status"
+    expect "$(tail -n 1 "$WORK/$name.out")" "Shutting down." "$name's last line"
+  done
+}
+
 # Anything on a server's stderr is an uncaught error or a warning.
 quiet_stderr() {
   local name
-  for name in main up1 up2; do
+  for name in main up1 up2 stream hono-app hono-serve; do
     if [ -s "$WORK/$name.err" ]; then
       echo "$name.err:"
       head -n 20 "$WORK/$name.err"
@@ -760,6 +999,10 @@ quiet_stderr() {
 
 section "shutdown"
 check "SIGTERM: the server says 'Shutting down.' and exits 0" main_shutdown
+if [ "${#APPS[@]}" -gt 0 ]; then
+  check "SIGTERM: the app servers say 'Shutting down.' and exit 0" \
+    apps_shutdown
+fi
 check "no server wrote to stderr" quiet_stderr
 
 echo

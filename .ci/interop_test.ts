@@ -1,14 +1,20 @@
 /**
- * Deno's `fetch` as a client of a running server: .ci/interop.sh starts the
- * server (with `--sleep-delay 0.2`) and passes its URL in `INTEROP_URL`.
+ * Deno's `fetch` as a client of running servers, which .ci/interop.sh starts
+ * and names in the environment:
+ *
+ * - `INTEROP_URL`: main.ts with the book's routes (and `--sleep-delay 0.2`);
+ * - `INTEROP_STREAM_URL`: main.ts with `--app .ci/apps/stream_app.ts`;
+ * - `INTEROP_HONO_APP_URL`: main.ts with `--app .ci/apps/hono_app.ts`;
+ * - `INTEROP_HONO_SERVE_URL`: .ci/apps/hono_serve.ts, the same Hono app
+ *   through `serve(app.fetch)`.
  *
  *   INTEROP_URL=http://127.0.0.1:PORT/ deno test --allow-net=127.0.0.1 \
  *     --allow-env=INTEROP_URL,INTEROP_SS --allow-run=ss .ci/interop_test.ts
  *
  * Black-box on purpose: nothing here imports main.ts, so what is tested is
- * what a real HTTP client sees over a real socket. A plain `deno test` (as in
- * .ci/run) finds this file too, with no server and no `INTEROP_URL`: then
- * every test here is ignored.
+ * what a real HTTP client sees over a real socket. A test whose server is not
+ * named in the environment is ignored, so a plain `deno test` of this file,
+ * with no server at all, ignores every test.
  * @module
  */
 
@@ -22,12 +28,28 @@ function env(name: string): string | undefined {
 
 const url = env("INTEROP_URL");
 const base = new URL(url ?? "http://127.0.0.1/");
+
+/** The URL in the environment variable `name`; unset or empty: none. */
+function serverUrl(name: string): URL | undefined {
+  const value = env(name);
+  return value ? new URL(value) : undefined;
+}
+
 /** `INTEROP_SS=0` when `ss` (iproute2) is missing and that is allowed. */
 const haveSs = env("INTEROP_SS") !== "0";
 
 /** `Deno.test`, ignored when there is no server to test. */
 function interop(name: string, fn: () => Promise<void>, ignore = false) {
   Deno.test({ name, ignore: ignore || url === undefined, fn });
+}
+
+/** `Deno.test` of the server at `server`, ignored when there is none. */
+function interopWith(
+  server: URL | undefined,
+  name: string,
+  fn: (server: URL) => Promise<void>,
+) {
+  Deno.test({ name, ignore: server === undefined, fn: () => fn(server!) });
 }
 
 const HELLO = "<h1>Hello!</h1>";
@@ -170,3 +192,148 @@ interop("deno fetch: sequential requests reuse one connection", async () => {
     client.close();
   }
 }, !haveSs);
+
+// ---------------------------------------------------------------------------
+// Streaming both ways, against .ci/apps/stream_app.ts behind main.ts. Each
+// test proves that a first part travelled before the rest was sent by
+// saying so with a second request; see the app's module doc.
+// ---------------------------------------------------------------------------
+
+const stream = serverUrl("INTEROP_STREAM_URL");
+
+function sha256(bytes: Uint8Array<ArrayBuffer>): Promise<string> {
+  return crypto.subtle.digest("SHA-256", bytes).then((digest) =>
+    Array.from(new Uint8Array(digest), (byte) => byte.toString(16))
+      .map((hex) => hex.padStart(2, "0")).join("")
+  );
+}
+
+interopWith(
+  stream,
+  "deno fetch: a streamed upload reaches the handler as it is sent",
+  async (stream) => {
+    const id = `deno-${crypto.randomUUID()}`;
+    const chunks = Array.from({ length: 8 }, () => randomBytes(16 * 1024));
+    let sent = 0;
+    let seen = "";
+    // Pulled only when fetch wants the next chunk (highWaterMark 0): the
+    // second is not made until the handler has said it has the first.
+    const body = new ReadableStream<Uint8Array>({
+      async pull(controller) {
+        if (sent === 1) {
+          const answer = await fetch(new URL(`/seen?id=${id}`, stream));
+          seen = `${answer.status} ${await answer.text()}`;
+        } else if (sent > 1) {
+          await new Promise((resolve) => setTimeout(resolve, 20));
+        }
+        if (sent === chunks.length) controller.close();
+        else controller.enqueue(chunks[sent++]);
+      },
+    }, { highWaterMark: 0 });
+    // The Fetch standard requires `duplex: "half"` with a stream body
+    // (Node's fetch throws without it); Deno's RequestInit type lacks it.
+    const init: RequestInit & { duplex: "half" } = {
+      method: "POST",
+      body,
+      duplex: "half",
+    };
+    const response = await fetch(new URL(`/upload?id=${id}`, stream), init);
+    const report = await response.json();
+    assert.equal(response.status, 200);
+    assert.equal(seen, "200 the handler has the first chunk\n");
+    const all = new Uint8Array(await new Blob(chunks).arrayBuffer());
+    assert.equal(report.bytes, all.length);
+    assert.equal(report.sha256, await sha256(all));
+    assert.ok(report.chunks >= 2, `the handler saw ${report.chunks} chunk(s)`);
+  },
+);
+
+interopWith(
+  stream,
+  "deno fetch: a streamed response arrives chunk by chunk",
+  async (stream) => {
+    const id = `deno-${crypto.randomUUID()}`;
+    const response = await fetch(new URL(`/ticks?id=${id}`, stream));
+    assert.equal(response.status, 200);
+    const reader = response.body!.pipeThrough(new TextDecoderStream())
+      .getReader();
+    // The first line must come while the stream waits for our ack; a
+    // server that held it back sends it only after the wait, with the rest.
+    let text = "";
+    while (!text.includes("\n")) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      text += value;
+    }
+    assert.equal(text, "tick 1\n", "what came before the ack");
+    const ack = await fetch(new URL(`/ack?id=${id}`, stream));
+    assert.equal(await ack.text(), "acknowledged\n");
+    for (
+      let part = await reader.read();
+      !part.done;
+      part = await reader.read()
+    ) {
+      text += part.value;
+    }
+    assert.equal(text, "tick 1\ntick 2 after the ack\n");
+  },
+);
+
+// ---------------------------------------------------------------------------
+// A real framework: the Hono app of .ci/apps/hono_app.ts, the same
+// assertions through main.ts's `--app` and through `serve(app.fetch)`.
+// ---------------------------------------------------------------------------
+
+const BOOKS = [
+  { id: 1, title: "The Rust Programming Language", chapter: 21 },
+  { id: 2, title: "Building a Multithreaded Web Server", chapter: 21 },
+];
+
+for (
+  const [how, hono] of [
+    ["--app", serverUrl("INTEROP_HONO_APP_URL")],
+    ["serve(app.fetch)", serverUrl("INTEROP_HONO_SERVE_URL")],
+  ] as const
+) {
+  interopWith(hono, `hono via ${how}: routes and the middleware`, async () => {
+    const home = await fetch(hono!);
+    assert.equal(home.status, 200);
+    assert.equal(await home.text(), "Hello from Hono!");
+    assert.equal(home.headers.get("x-served-by"), "hono");
+    const list = await fetch(new URL("/api/books", hono));
+    const bytes = await list.bytes();
+    assert.equal(list.status, 200);
+    assert.match(list.headers.get("content-type") ?? "", /^application\/json/);
+    // Known at once, so it has a length (it is not sent chunked).
+    assert.equal(list.headers.get("content-length"), String(bytes.length));
+    assert.deepEqual(JSON.parse(new TextDecoder().decode(bytes)), BOOKS);
+    assert.equal(list.headers.get("x-served-by"), "hono");
+  });
+
+  interopWith(hono, `hono via ${how}: a path parameter`, async () => {
+    const found = await fetch(new URL("/api/books/2", hono));
+    assert.equal(found.status, 200);
+    assert.deepEqual(await found.json(), BOOKS[1]);
+    const missing = await fetch(new URL("/api/books/9", hono));
+    assert.equal(missing.status, 404);
+    assert.deepEqual(await missing.json(), { error: "no such book" });
+  });
+
+  interopWith(hono, `hono via ${how}: a JSON request body`, async () => {
+    const book = { id: 3, title: "Ferris's notes", tags: ["é", "🦀"] };
+    const created = await fetch(new URL("/api/books", hono), {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(book),
+    });
+    assert.equal(created.status, 201);
+    assert.deepEqual(await created.json(), { created: book });
+  });
+
+  interopWith(hono, `hono via ${how}: an unknown path is 404`, async () => {
+    const missing = await fetch(new URL("/nope", hono));
+    assert.equal(missing.status, 404);
+    assert.equal(await missing.text(), "404 Not Found");
+    assert.equal(missing.headers.get("x-served-by"), "hono");
+  });
+}

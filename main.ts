@@ -133,6 +133,10 @@ export interface ServeOptions {
   maxFields?: number;
   /** Let several listeners share the port (Linux; needs `--unstable-net`). @default {false} */
   reusePort?: boolean;
+  /** The certificate chain, in PEM: with {@linkcode ServeOptions.key}, the server speaks HTTPS. */
+  cert?: string;
+  /** The certificate's private key, in PEM. */
+  key?: string;
   /**
    * The response for a handler that throws, rejects or returns no
    * `Response`. @default {a plain 500 that says nothing of the error}
@@ -280,11 +284,7 @@ export function serve(
     const value = options[key];
     if (value !== undefined) (limits as Record<string, unknown>)[key] = value;
   }
-  const listener = Deno.listen({
-    hostname: limits.hostname,
-    port: limits.port,
-    ...(options.reusePort ? { reusePort: true } : {}),
-  });
+  const listener = listen(limits, options);
   const server = new ServerState(listener, limits, options);
   options.signal?.addEventListener("abort", () => server.shutdown(), {
     once: true,
@@ -306,6 +306,34 @@ export function serve(
   };
 }
 
+/** A listener, and the connections it accepts: over TCP, or TLS. */
+type Listener = Deno.TcpListener | Deno.TlsListener;
+type Stream = Deno.TcpConn | Deno.TlsConn;
+
+/**
+ * The book's `TcpListener::bind`, or its TLS twin. A TLS listener offers
+ * only `http/1.1` by ALPN (RFC 7301), so no client tries anything else.
+ */
+function listen(limits: Limits, options: ServeOptions): Listener {
+  const address = {
+    hostname: limits.hostname,
+    port: limits.port,
+    ...(options.reusePort ? { reusePort: true } : {}),
+  };
+  if (options.cert === undefined && options.key === undefined) {
+    return Deno.listen(address);
+  }
+  if (!options.cert || !options.key) {
+    throw new TypeError("cert and key go together");
+  }
+  return Deno.listenTls({
+    ...address,
+    cert: options.cert,
+    key: options.key,
+    alpnProtocols: ["http/1.1"],
+  });
+}
+
 /** The server's side of things: its listener, live connections, clock and log. */
 class ServerState {
   /** Live connections; each knows its index, so removal is a swap. */
@@ -317,6 +345,8 @@ class ServerState {
   now = Date.now();
   readonly cache = new ResponseCache();
   readonly log: AccessLog | null;
+  /** What a handler's request URLs begin with. */
+  readonly scheme: string;
   /** The application; null for the book's routes. */
   readonly handler: ServeHandler | null;
   readonly onError: ((error: unknown) => Response | Promise<Response>) | null;
@@ -326,13 +356,14 @@ class ServerState {
   #forceTimer: ReturnType<typeof setTimeout> | undefined;
 
   constructor(
-    readonly listener: Deno.TcpListener,
+    readonly listener: Listener,
     readonly limits: Limits,
     options: ServeInit,
   ) {
     const accessLog = options.accessLog ?? true;
     this.log = accessLog === false ? null : new AccessLog(accessLog);
     this.handler = options.handler ?? null;
+    this.scheme = options.cert ? "https" : "http";
     this.onError = options.onError ?? null;
     // One timer for every deadline of every connection, rather than a timer
     // per read: a quarter of the shortest timeout, at most 250 ms.
@@ -498,7 +529,7 @@ class Connection {
   #wake: (() => void) | null = null;
   #sleeper: ReturnType<typeof setTimeout> | undefined;
 
-  constructor(readonly stream: Deno.TcpConn, now: number) {
+  constructor(readonly stream: Stream, now: number) {
     this.headStarted = now;
     this.deadline = now;
   }
@@ -616,7 +647,9 @@ async function handleConnection(
         // response written after another waits for its ACK); one that closes
         // after its reply flushes at once, and saves the system call.
         connection.kept = true;
-        connection.stream.setNoDelay(true);
+        if ("setNoDelay" in connection.stream) {
+          connection.stream.setNoDelay(true);
+        }
       }
       connection.state = IDLE;
       if (connection.pendingBytes >= MAX_BATCH) {
@@ -1989,8 +2022,8 @@ function toRequest(
   const url = buf[head.targetStart] !== SLASH
     ? target
     : head.hostEnd > 0
-    ? `http://${latin1(buf, head.hostStart, head.hostEnd)}${target}`
-    : `http://${hostOf(server.listener.addr)}${target}`;
+    ? `${server.scheme}://${latin1(buf, head.hostStart, head.hostEnd)}${target}`
+    : `${server.scheme}://${hostOf(server.listener.addr)}${target}`;
   const { fields, fieldCount } = head;
   const headers: [string, string][] = new Array(fieldCount);
   for (let i = 0; i < fieldCount; i++) {
@@ -2542,6 +2575,9 @@ function writeStdout(text: string): Promise<void> {
 /** The command line's settings: `serve()`'s options plus the CLI's own. */
 interface Settings extends ServeOptions {
   app?: string;
+  certFile?: string;
+  keyFile?: string;
+  redirectHttp?: number;
   quiet?: boolean;
   workers?: number;
   help?: boolean;
@@ -2554,6 +2590,9 @@ const FLAGS: Record<string, [keyof Settings, Kind]> = {
   "--hostname": ["hostname", "text"],
   "--port": ["port", "port"],
   "--app": ["app", "text"],
+  "--cert": ["certFile", "text"],
+  "--key": ["keyFile", "text"],
+  "--redirect-http": ["redirectHttp", "port"],
   "--quiet": ["quiet", "switch"],
   "--workers": ["workers", "workers"],
   "--header-timeout": ["headerTimeout", "seconds"],
@@ -2623,6 +2662,10 @@ Flags (seconds may have fractions):
   --app FILE|URL           serve this module's default export's fetch()
                            instead (the deno serve convention; needs
                            --allow-read)
+  --cert FILE --key FILE   serve HTTPS with this PEM certificate chain and
+                           key (needs --allow-read for both)
+  --redirect-http PORT     with --cert: plain HTTP on PORT, answering 308 to
+                           the same URL over HTTPS
   --quiet                  no access log (default: Common Log Format on stdout)
   --workers N|auto         isolates sharing the port (default 1); more than 1
                            needs --allow-read and --unstable-net
@@ -2654,20 +2697,24 @@ function fromEnvironment(): Settings {
   }
 }
 
-function listeningLine(addr: Deno.NetAddr): string {
-  const host = addr.hostname.includes(":")
-    ? `[${addr.hostname}]`
-    : addr.hostname;
-  return `Listening on http://${host}:${addr.port}/`;
+function listeningLine(addr: Deno.NetAddr, tls: boolean): string {
+  return `Listening on ${tls ? "https" : "http"}://${hostOf(addr)}/`;
 }
 
-/** SIGINT and SIGTERM start a graceful shutdown; a second one exits at once. */
+const shutdowns: (() => void)[] = [];
+
+/**
+ * SIGINT and SIGTERM start a graceful shutdown of every server started
+ * here; a second signal exits at once.
+ */
 function onSignal(shutdown: () => void): void {
+  shutdowns.push(shutdown);
+  if (shutdowns.length > 1) return;
   let received = false;
   const handler = () => {
     if (received) Deno.exit(130);
     received = true;
-    shutdown();
+    for (const each of shutdowns) each();
   };
   Deno.addSignalListener("SIGINT", handler);
   if (Deno.build.os !== "windows") Deno.addSignalListener("SIGTERM", handler);
@@ -2685,14 +2732,26 @@ async function main(args: string[] = Deno.args): Promise<void> {
   if (settings.help) return printUsage();
   if (settings.version) return console.log(`hello-server ${VERSION}`);
   const options: AppInit = { ...settings, accessLog: !settings.quiet };
+  // What the user must fix is found before anything listens.
+  Object.assign(options, readCertificate(settings));
+  if (settings.redirectHttp !== undefined && !options.cert) {
+    refuse("--redirect-http needs --cert and --key");
+  }
   if (settings.app) {
-    // Loaded before anything listens: a module that fails says so at once.
     options.app = appUrl(settings.app);
     options.handler = await loadApp(options.app, settings.app);
   }
+  let redirect: Server | undefined;
+  const listening = (addr: Deno.NetAddr) => {
+    console.log(listeningLine(addr, options.cert !== undefined));
+    if (settings.redirectHttp !== undefined) {
+      redirect = serveRedirect(options, settings.redirectHttp, addr.port);
+    }
+  };
   const forced = (settings.workers ?? 1) > 1
-    ? await serveWithWorkers(options, settings.workers!)
-    : await serveHere(options);
+    ? await serveWithWorkers(options, settings.workers!, listening)
+    : await serveHere(options, listening);
+  await redirect?.finished;
   await stdoutWritten;
   if (forced > 0) {
     console.log(
@@ -2706,13 +2765,13 @@ async function main(args: string[] = Deno.args): Promise<void> {
   Deno.exit(0);
 }
 
-async function serveHere(options: ServeInit): Promise<number> {
+async function serveHere(
+  options: ServeInit,
+  listening: (addr: Deno.NetAddr) => void,
+): Promise<number> {
   let server: Server;
   try {
-    server = serve({
-      ...options,
-      onListen: (addr) => console.log(listeningLine(addr)),
-    });
+    server = serve({ ...options, onListen: listening });
   } catch (error) {
     cannotListen(options, options.port, (error as Error).message);
   }
@@ -2746,6 +2805,85 @@ interface AppInit extends ServeInit {
 function refuse(message: string): never {
   console.error(`error: ${message}`);
   Deno.exit(2);
+}
+
+// ---------------------------------------------------------------------------
+// HTTPS: --cert and --key, and --redirect-http
+// ---------------------------------------------------------------------------
+
+/**
+ * `--cert` and `--key`: both or neither, each readable PEM, and a pair —
+ * checked by a listener that is closed at once, since that is where Deno
+ * tells a key from another certificate's.
+ * @returns The PEM texts, as `serve()` takes them.
+ */
+function readCertificate(settings: Settings): ServeOptions {
+  const { certFile, keyFile } = settings;
+  if (certFile === undefined && keyFile === undefined) return {};
+  if (certFile === undefined || keyFile === undefined) {
+    refuse("--cert and --key go together");
+  }
+  const cert = readPem("--cert", certFile);
+  const key = readPem("--key", keyFile);
+  try {
+    Deno.listenTls({ hostname: "127.0.0.1", port: 0, cert, key }).close();
+  } catch (error) {
+    refuse(`--cert ${certFile} and --key ${keyFile}: ${firstLine(error)}`);
+  }
+  return { cert, key };
+}
+
+function readPem(flag: string, path: string): string {
+  const access = Deno.permissions.querySync({ name: "read", path });
+  if (access.state !== "granted") {
+    refuse(`${flag} needs read access to ${path}: --allow-read=${path}`);
+  }
+  try {
+    return Deno.readTextFileSync(path);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) {
+      refuse(`${flag} ${path}: no such file`);
+    }
+    refuse(`${flag} ${path}: ${firstLine(error)}`);
+  }
+}
+
+/**
+ * `--redirect-http`: plain HTTP on another port, where every request is
+ * answered 308 — which, unlike 301, keeps the method (RFC 9110 §15.4.9) —
+ * with the same URL over HTTPS. It is an application like any other, on
+ * the same core and with the same limits.
+ */
+function serveRedirect(
+  options: ServeInit,
+  port: number,
+  httpsPort: number,
+): Server {
+  const handler = (request: Request) => {
+    const url = new URL(request.url);
+    url.protocol = "https:";
+    url.port = String(httpsPort);
+    return new Response(null, {
+      status: 308,
+      headers: { location: url.href },
+    });
+  };
+  let server: Server;
+  try {
+    server = serve({
+      ...options,
+      cert: undefined,
+      key: undefined,
+      port,
+      handler,
+      onListen: (addr) =>
+        console.log(`Redirecting http://${hostOf(addr)}/ to HTTPS`),
+    });
+  } catch (error) {
+    cannotListen(options, port, (error as Error).message);
+  }
+  onSignal(() => server.shutdown());
+  return server;
 }
 
 // ---------------------------------------------------------------------------
@@ -2818,6 +2956,7 @@ type WorkerMessage =
 async function serveWithWorkers(
   options: AppInit,
   count: number,
+  listening: (addr: Deno.NetAddr) => void,
 ): Promise<number> {
   const fix = "--workers needs --allow-read and --unstable-net: " +
     "deno run --allow-net --allow-read --unstable-net main.ts --workers " +
@@ -2868,13 +3007,11 @@ async function serveWithWorkers(
       Array.from({ length: count - 1 }, () => start(first.port)),
     );
     workers = [first.worker, ...rest.map((started) => started.worker)];
-    console.log(
-      listeningLine({
-        transport: "tcp",
-        hostname: options.hostname ?? DEFAULTS.hostname,
-        port: first.port,
-      }),
-    );
+    listening({
+      transport: "tcp",
+      hostname: options.hostname ?? DEFAULTS.hostname,
+      port: first.port,
+    });
   } catch (error) {
     console.error(`error: ${(error as Error).message}`);
     Deno.exit(1);

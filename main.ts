@@ -2275,6 +2275,11 @@ async function send(
   }
   if (!dated) head += `Date: ${httpDate(server.now)}\r\n`;
   let content = contentOf(response, exchange);
+  // A stream of unknown length goes by the handler's Content-Length when it
+  // gives one; pipe() holds the stream to it, and closes if it is wrong.
+  if (content instanceof ReadableStream && exchange.length < 0) {
+    if (/^\d{1,15}$/.test(declared)) exchange.length = Number(declared);
+  }
   const length = content === null
     ? 0
     : content instanceof Uint8Array
@@ -2368,6 +2373,11 @@ async function pipe(
         throw new TypeError("a response body chunk is not a Uint8Array");
       }
       if (value.length === 0) continue;
+      if (
+        exchange.length >= 0 && exchange.sent + value.length > exchange.length
+      ) {
+        throw new Error("the response body is longer than announced");
+      }
       if (chunked) {
         queue(connection, encoder.encode(`${value.length.toString(16)}\r\n`));
       }
@@ -2376,7 +2386,7 @@ async function pipe(
       exchange.sent += value.length;
     }
     if (exchange.length >= 0 && exchange.sent !== exchange.length) {
-      throw new Error("the response body was not its announced length");
+      throw new Error("the response body is shorter than announced");
     }
     if (chunked) queue(connection, LAST_CHUNK);
   } catch (error) {
@@ -2480,6 +2490,1183 @@ const logTime = perSecond((time) =>
 );
 
 // ---------------------------------------------------------------------------
+// Serving a directory (`--root DIR`, `serveFiles`)
+//
+// A request path is decoded and resolved to names under the root, the names
+// are joined onto the root's real path, and the result is served only when
+// its own real path (symbolic links resolved) is still inside the root. What
+// was found for a path — and the bytes of small files — is kept for at most
+// FILE_CACHE_TTL, so that a busy small site does not cost a disk access per
+// request.
+// ---------------------------------------------------------------------------
+
+/** Options of {@linkcode serveFiles}. */
+export interface ServeFilesOptions {
+  /** The directory whose files are served; nothing outside it ever is. */
+  root: string;
+  /**
+   * Answer a directory that has no `index.html` with an HTML listing of its
+   * entries instead of a 404.
+   * @default {false}
+   */
+  list?: boolean;
+  /**
+   * Serve files and directories whose name starts with `.`. Without it they
+   * are 404s, except under `/.well-known/` (RFC 8615).
+   * @default {false}
+   */
+  dotfiles?: boolean;
+}
+
+/** Bytes read from disk for one chunk of a streamed file. */
+const FILE_CHUNK = 64 * 1024;
+/** Files up to this size are read whole, and may be kept in memory. */
+const SMALL_FILE = 64 * 1024;
+/** The most bytes of file contents kept in memory, over all files. */
+const FILE_CACHE_BYTES = 4 * 1024 * 1024;
+/** The most paths whose lookup is remembered (found or not). */
+const FILE_CACHE_ENTRIES = 4096;
+/**
+ * How long (ms) what was found for a path is trusted before the disk is asked
+ * again: a file changed, added or removed is seen at most 1 s late, and until
+ * then the old contents go out with their old validators.
+ */
+const FILE_CACHE_TTL = 1000;
+/** The most roots whose real path is remembered. */
+const FILE_ROOTS = 64;
+/** The longest decoded path (in UTF-16 units) looked up on disk. */
+const MAX_FILE_PATH = 4096;
+/** The most ranges honoured in one request (RFC 9110 §14.3). */
+const MAX_RANGES = 32;
+/** The most entries shown in a directory listing. */
+const MAX_LISTING = 10_000;
+
+/** What a name must not contain once decoded: it would be another path. */
+const PATH_SEPARATORS = Deno.build.os === "windows" ? /[/\\:\0]/ : /[/\\\0]/;
+const FILE_SEPARATOR = Deno.build.os === "windows" ? "\\" : "/";
+
+/**
+ * Answers a GET or HEAD request with a file from the directory
+ * `options.root`: `/` and any `/dir/` serve their `index.html`, a missing
+ * file the root's `404.html` (or the built-in Oops page) with status 404.
+ * It speaks conditional requests (ETag, Last-Modified), byte ranges, and
+ * sends `file.br` or `file.gz` in place of `file` to a client that accepts
+ * them. Nothing outside the root is served, however the path is spelled and
+ * wherever symbolic links point. Other methods get a 405.
+ *
+ * It rejects only when the root is not a readable directory.
+ *
+ * @example Serve ./public on http://127.0.0.1:7878/
+ * ```ts
+ * serve((request) => serveFiles(request, { root: "./public" }));
+ * ```
+ *
+ * @example Serve files under /static/, the book's pages elsewhere
+ * ```ts
+ * serve(async (request) => {
+ *   const url = new URL(request.url);
+ *   if (!url.pathname.startsWith("/static/")) return new Response("Hello!");
+ *   url.pathname = url.pathname.slice("/static".length);
+ *   return await serveFiles(new Request(url, request), { root: "./public" });
+ * });
+ * ```
+ */
+export async function serveFiles(
+  request: Request,
+  options: ServeFilesOptions,
+): Promise<Response> {
+  // RFC 9110 §15.5.6: a 405 lists the methods the resource supports.
+  if (request.method !== "GET" && request.method !== "HEAD") {
+    return statusReply(request, 405, { allow: "GET, HEAD" });
+  }
+  const root = await realRoot(options.root);
+  const url = new URL(request.url);
+  const path = parseFilePath(url.pathname);
+  if (path === null) return statusReply(request, 400);
+  const dotfiles = options.dotfiles ?? false;
+  if (!dotfiles && isHidden(path.names)) return await notFound(request, root);
+
+  const found = await locate(root, path.names);
+  if (!isServable(found, dotfiles)) return await notFound(request, root);
+  if (found.kind === "file") {
+    // A file named like a directory (`/a.txt/`) is not there.
+    if (path.directory) return await notFound(request, root);
+    return await serveFile(request, root, path.names, found, dotfiles);
+  }
+  if (!path.directory) return redirectToDirectory(request, url, path.names);
+  const indexNames = [...path.names, "index.html"];
+  const index = await locate(root, indexNames);
+  if (index.kind === "file" && isServable(index, dotfiles)) {
+    return await serveFile(request, root, indexNames, index, dotfiles);
+  }
+  if (options.list) {
+    return await listDirectory(request, root, path.names, found, dotfiles);
+  }
+  return await notFound(request, root);
+}
+
+// ---------------------------------------------------------------------------
+// From a request path to names under the root
+// ---------------------------------------------------------------------------
+
+/** A request path, decoded into names, its dot segments resolved. */
+interface FilePath {
+  names: string[];
+  /** The path ends with `/` (or a dot segment): it asks for a directory. */
+  directory: boolean;
+}
+
+/**
+ * Decodes a URL's path into names, one per segment: percent-decoded as UTF-8
+ * (RFC 3986 §2.1, §2.5), `.` and `..` resolved without ever climbing above
+ * the root (RFC 3986 §5.2.4), and empty segments (`//`) skipped. The URL
+ * parser has already resolved the dot segments it saw; this resolves again
+ * after decoding, so that no spelling of `..` survives.
+ * @returns null when a segment is malformed — a bad escape, invalid UTF-8
+ * (overlong forms included), a decoded separator or NUL — or the whole is
+ * longer than MAX_FILE_PATH.
+ */
+function parseFilePath(pathname: string): FilePath | null {
+  const names: string[] = [];
+  let directory = false;
+  let length = 0;
+  for (const segment of pathname.split("/")) {
+    let name: string;
+    try {
+      name = decodeURIComponent(segment);
+    } catch {
+      return null;
+    }
+    if (PATH_SEPARATORS.test(name)) return null;
+    directory = name === "" || name === "." || name === "..";
+    if (name === "..") names.pop();
+    else if (!directory) names.push(name);
+    length += name.length + 1;
+  }
+  if (length > MAX_FILE_PATH) return null;
+  return { names, directory };
+}
+
+/** Whether a path has a dotfile or dot-directory, `/.well-known/` aside. */
+function isHidden(names: string[]): boolean {
+  return names.some((name, at) =>
+    name.startsWith(".") && !(at === 0 && name === ".well-known")
+  );
+}
+
+/** RFC 9110 §15.4.2: `/dir` → `/dir/`, the query kept. */
+function redirectToDirectory(
+  request: Request,
+  url: URL,
+  names: string[],
+): Response {
+  // Built from the decoded names, so that `//host` can never come out.
+  const path = names.map((name) => `/${encodeURIComponent(name)}`).join("");
+  const location = `${path}/${url.search}`;
+  return statusReply(request, 301, { location });
+}
+
+// ---------------------------------------------------------------------------
+// Looking paths up on disk, with a short-lived cache
+// ---------------------------------------------------------------------------
+
+/** A root's real path, and when it was found (`performance.now()`). */
+interface KnownRoot {
+  path: string;
+  checked: number;
+}
+
+const fileRoots = new Map<string, KnownRoot>();
+
+/**
+ * The real path of a root, found again at most once per FILE_CACHE_TTL: a
+ * root that is a symbolic link switched to a new release (an atomic deploy)
+ * is followed within a second.
+ */
+async function realRoot(root: string): Promise<string> {
+  const now = performance.now();
+  const known = fileRoots.get(root);
+  if (known && now - known.checked < FILE_CACHE_TTL) return known.path;
+  let path: string;
+  try {
+    path = await Deno.realPath(root);
+    if (!(await Deno.stat(path)).isDirectory) {
+      throw new Error("not a directory");
+    }
+  } catch (error) {
+    const message = `serveFiles: the root ${root} is not a readable directory`;
+    throw new Error(message, { cause: error });
+  }
+  if (fileRoots.size >= FILE_ROOTS) fileRoots.clear();
+  fileRoots.set(root, { path, checked: now });
+  return path;
+}
+
+/** What was found for a path under a root, as of `checked`. */
+interface FileEntry {
+  key: string;
+  /** "missing" also stands for outside the root, or not a file or directory. */
+  kind: "file" | "directory" | "missing";
+  /** The real path (symbolic links resolved). */
+  path: string;
+  /** The real path, relative to the root, has a hidden name in it. */
+  hidden: boolean;
+  size: number;
+  /** The modification time, in milliseconds since the epoch. */
+  mtime: number;
+  ino: number | null;
+  /** The contents of a small file, once read. */
+  bytes: Uint8Array<ArrayBuffer> | null;
+  checked: number;
+}
+
+/** The cache, least recently used first (a Map keeps insertion order). */
+const fileCache = new Map<string, FileEntry>();
+let fileCacheBytes = 0;
+
+/** Whether an entry may be served with these options. */
+function isServable(entry: FileEntry, dotfiles: boolean): boolean {
+  return entry.kind !== "missing" && (dotfiles || !entry.hidden);
+}
+
+/** Looks up names under a root, through the cache. */
+async function locate(root: string, names: string[]): Promise<FileEntry> {
+  const key = `${root}\0${names.join("/")}`;
+  const now = performance.now();
+  const cached = fileCache.get(key);
+  if (cached && now - cached.checked < FILE_CACHE_TTL) {
+    // Most recently used: to the end.
+    fileCache.delete(key);
+    fileCache.set(key, cached);
+    return cached;
+  }
+  const entry = await lookUp(root, names, key, now);
+  // The same file, unchanged: the bytes read before are still its contents.
+  if (cached?.bytes && isSameFile(cached, entry)) entry.bytes = cached.bytes;
+  const replaced = fileCache.get(key);
+  if (replaced?.bytes) fileCacheBytes -= replaced.bytes.length;
+  fileCache.delete(key);
+  fileCache.set(key, entry);
+  if (entry.bytes) fileCacheBytes += entry.bytes.length;
+  evictFiles();
+  return entry;
+}
+
+/** Whether two looks at a path saw the same, unchanged file. */
+function isSameFile(a: FileEntry, b: FileEntry): boolean {
+  return a.kind === "file" && b.kind === "file" && a.path === b.path &&
+    a.size === b.size && a.mtime === b.mtime && a.ino === b.ino;
+}
+
+/** Drops an entry from the cache. */
+function forgetEntry(entry: FileEntry): void {
+  if (fileCache.get(entry.key) !== entry) return;
+  fileCache.delete(entry.key);
+  if (entry.bytes) fileCacheBytes -= entry.bytes.length;
+}
+
+/** Drops the least recently used entries until the cache is within bounds. */
+function evictFiles(): void {
+  for (const [key, oldest] of fileCache) {
+    if (
+      fileCache.size <= FILE_CACHE_ENTRIES && fileCacheBytes <= FILE_CACHE_BYTES
+    ) return;
+    fileCache.delete(key);
+    if (oldest.bytes) fileCacheBytes -= oldest.bytes.length;
+  }
+}
+
+/**
+ * Looks up names under a root on disk. Only a regular file or a directory
+ * whose real path is inside the root is found: a symbolic link pointing out
+ * of the root is as good as missing.
+ */
+async function lookUp(
+  root: string,
+  names: string[],
+  key: string,
+  now: number,
+): Promise<FileEntry> {
+  const entry: FileEntry = {
+    key,
+    kind: "missing",
+    path: "",
+    hidden: false,
+    size: 0,
+    mtime: 0,
+    ino: null,
+    bytes: null,
+    checked: now,
+  };
+  try {
+    const path = await Deno.realPath(joinPath(root, names));
+    const relative = relativeToRoot(root, path);
+    if (relative === null) return entry;
+    const info = await Deno.stat(path);
+    if (!info.isFile && !info.isDirectory) return entry;
+    entry.kind = info.isFile ? "file" : "directory";
+    entry.path = path;
+    entry.hidden = isHidden(relative);
+    entry.size = info.size;
+    entry.mtime = info.mtime?.getTime() ?? 0;
+    entry.ino = info.ino;
+  } catch (error) {
+    if (!isMissing(error)) throw error;
+  }
+  return entry;
+}
+
+/** Names under the root, as a file system path. */
+function joinPath(root: string, names: string[]): string {
+  if (names.length === 0) return root;
+  const base = root.endsWith(FILE_SEPARATOR) ? root : root + FILE_SEPARATOR;
+  return base + names.join(FILE_SEPARATOR);
+}
+
+/**
+ * The names of a real path under a real root.
+ * @returns null when the path is outside the root.
+ */
+function relativeToRoot(root: string, path: string): string[] | null {
+  if (path === root) return [];
+  const base = root.endsWith(FILE_SEPARATOR) ? root : root + FILE_SEPARATOR;
+  if (!path.startsWith(base)) return null;
+  return path.slice(base.length).split(FILE_SEPARATOR);
+}
+
+/** Whether a file system error means "there is nothing to serve here". */
+function isMissing(error: unknown): boolean {
+  return error instanceof Deno.errors.NotFound ||
+    error instanceof Deno.errors.NotADirectory ||
+    error instanceof Deno.errors.FilesystemLoop ||
+    error instanceof Deno.errors.PermissionDenied ||
+    error instanceof Deno.errors.NotCapable ||
+    (error as { code?: string })?.code === "ENAMETOOLONG";
+}
+
+// ---------------------------------------------------------------------------
+// Reading files
+// ---------------------------------------------------------------------------
+
+/** The validators of a file's contents. */
+interface FileVersion {
+  size: number;
+  mtime: number;
+  ino: number | null;
+}
+
+/**
+ * A file ready to send: its contents in memory, or (for a big file) open
+ * and owned by whoever holds this — they must close it.
+ */
+interface OpenedFile {
+  version: FileVersion;
+  bytes: Uint8Array<ArrayBuffer> | null;
+  file: Deno.FsFile | null;
+}
+
+/**
+ * Opens a found file. A small one is read whole (and kept, when its entry is
+ * still cached); a big one is left open. The version is that of the open
+ * file itself, so validators and contents always agree.
+ */
+async function openFile(entry: FileEntry): Promise<OpenedFile> {
+  if (entry.bytes) return { version: entry, bytes: entry.bytes, file: null };
+  const file = await Deno.open(entry.path);
+  let owned = false;
+  try {
+    const info = await file.stat();
+    const version = {
+      size: info.size,
+      mtime: info.mtime?.getTime() ?? 0,
+      ino: info.ino,
+    };
+    if (!info.isFile) throw new Deno.errors.NotFound("no longer a file");
+    if (version.size > SMALL_FILE) {
+      owned = true;
+      return { version, bytes: null, file };
+    }
+    const bytes = await readWhole(file, version.size);
+    keepBytes(entry, version, bytes);
+    return { version, bytes, file: null };
+  } finally {
+    if (!owned) file.close();
+  }
+}
+
+/** Reads a file of a known size from its start. */
+async function readWhole(
+  file: Deno.FsFile,
+  size: number,
+): Promise<Uint8Array<ArrayBuffer>> {
+  const bytes = new Uint8Array(size);
+  let filled = 0;
+  while (filled < size) {
+    const read = await file.read(bytes.subarray(filled));
+    if (read === null) throw new Error("the file shrank while it was read");
+    filled += read;
+  }
+  return bytes;
+}
+
+/** Keeps a small file's contents in its entry, if that is still cached. */
+function keepBytes(
+  entry: FileEntry,
+  version: FileVersion,
+  bytes: Uint8Array<ArrayBuffer>,
+): void {
+  if (fileCache.get(entry.key) !== entry || entry.bytes) return;
+  // The entry now describes what was read, even if the file changed since
+  // it was looked up.
+  entry.size = version.size;
+  entry.mtime = version.mtime;
+  entry.ino = version.ino;
+  entry.bytes = bytes;
+  fileCacheBytes += bytes.length;
+  evictFiles();
+}
+
+/** A part of a response body: bytes, or a range [start, end) of the file. */
+type FilePiece = Uint8Array<ArrayBuffer> | ByteRange;
+
+/**
+ * Streams pieces of an open file in chunks of at most FILE_CHUNK, reading
+ * only when the consumer pulls (backpressure: one chunk is read ahead). The
+ * file is closed at the end, on a read error (which errors the stream, so
+ * only this response ends) and as soon as the consumer cancels.
+ */
+function streamFile(
+  file: Deno.FsFile,
+  pieces: FilePiece[],
+): ReadableStream<Uint8Array<ArrayBuffer>> {
+  let index = 0;
+  let position = 0; // where the file's offset is
+  let inPiece = false;
+  let open = true;
+  const close = () => {
+    if (open) {
+      open = false;
+      file.close();
+    }
+  };
+  const nextChunk = async (): Promise<Uint8Array<ArrayBuffer> | null> => {
+    while (index < pieces.length) {
+      const piece = pieces[index];
+      if (piece instanceof Uint8Array) {
+        index++;
+        return piece;
+      }
+      if (!inPiece) {
+        if (position !== piece.start) {
+          await file.seek(piece.start, Deno.SeekMode.Start);
+          position = piece.start;
+        }
+        inPiece = true;
+      }
+      if (position >= piece.end) {
+        index++;
+        inPiece = false;
+        continue;
+      }
+      const chunk = new Uint8Array(Math.min(FILE_CHUNK, piece.end - position));
+      const read = await file.read(chunk);
+      if (read === null) throw new Error("the file shrank while it was sent");
+      position += read;
+      return read === chunk.length ? chunk : chunk.subarray(0, read);
+    }
+    return null;
+  };
+  return new ReadableStream<Uint8Array<ArrayBuffer>>({
+    async pull(controller) {
+      try {
+        const chunk = await nextChunk();
+        if (!open) return; // cancelled meanwhile
+        if (chunk) return controller.enqueue(chunk);
+        close();
+        controller.close();
+      } catch (error) {
+        if (!open) return;
+        close();
+        controller.error(error);
+      }
+    },
+    cancel: close,
+  }, { highWaterMark: 1 });
+}
+
+/**
+ * A body made of pieces of a file's contents. A stream takes the open file
+ * over: it is no longer the caller's to close.
+ */
+function bodyOf(
+  opened: OpenedFile,
+  pieces: FilePiece[],
+): Uint8Array<ArrayBuffer> | ReadableStream<Uint8Array<ArrayBuffer>> {
+  if (opened.file) {
+    const stream = streamFile(opened.file, pieces);
+    opened.file = null;
+    return stream;
+  }
+  const bytes = opened.bytes!;
+  const parts = pieces.map((piece) =>
+    piece instanceof Uint8Array ? piece : bytes.subarray(piece.start, piece.end)
+  );
+  if (parts.length === 1) return parts[0];
+  const body = new Uint8Array(parts.reduce((sum, p) => sum + p.length, 0));
+  let offset = 0;
+  for (const part of parts) {
+    body.set(part, offset);
+    offset += part.length;
+  }
+  return body;
+}
+
+// ---------------------------------------------------------------------------
+// Answering with a file
+// ---------------------------------------------------------------------------
+
+/**
+ * Serves a found file, or the precompressed variant the client prefers:
+ * validators (RFC 9110 §8.8), preconditions (§13) and ranges (§14).
+ */
+async function serveFile(
+  request: Request,
+  root: string,
+  names: string[],
+  found: FileEntry,
+  dotfiles: boolean,
+): Promise<Response> {
+  const name = names[names.length - 1];
+  const headers = new Headers({
+    "content-type": contentTypeOf(name),
+    "x-content-type-options": "nosniff",
+    "accept-ranges": "bytes",
+  });
+  const variant = await chooseVariant(request, root, names, dotfiles);
+  if (variant.vary) headers.set("vary", "Accept-Encoding");
+  if (variant.coding) headers.set("content-encoding", variant.coding);
+  let opened: OpenedFile;
+  try {
+    opened = await openFile(variant.entry ?? found);
+  } catch (error) {
+    if (!isMissing(error)) throw error;
+    // Gone since it was looked up: look again next time.
+    forgetEntry(variant.entry ?? found);
+    return await notFound(request, root);
+  }
+  try {
+    return answerWithFile(request, headers, opened, variant.coding !== null);
+  } finally {
+    // Unless a stream took it over, an open file is closed here: 304, 412,
+    // 416 and HEAD never read it.
+    opened.file?.close();
+  }
+}
+
+/** The precompressed variant chosen for a request, if any. */
+interface FileVariant {
+  entry: FileEntry | null;
+  coding: "br" | "gzip" | null;
+  /** A variant exists, so the answer depends on Accept-Encoding. */
+  vary: boolean;
+}
+
+/**
+ * nginx's `gzip_static`: `file.br`, then `file.gz`, beside `file`, sent to a
+ * client whose Accept-Encoding allows it (RFC 9110 §12.5.3).
+ */
+async function chooseVariant(
+  request: Request,
+  root: string,
+  names: string[],
+  dotfiles: boolean,
+): Promise<FileVariant> {
+  const withSuffix = (suffix: string) => [
+    ...names.slice(0, -1),
+    names[names.length - 1] + suffix,
+  ];
+  const [br, gz] = await Promise.all([
+    locate(root, withSuffix(".br")),
+    locate(root, withSuffix(".gz")),
+  ]);
+  const hasBr = br.kind === "file" && isServable(br, dotfiles);
+  const hasGz = gz.kind === "file" && isServable(gz, dotfiles);
+  const accepted = request.headers.get("accept-encoding");
+  if (hasBr && acceptsCoding(accepted, "br")) {
+    return { entry: br, coding: "br", vary: true };
+  }
+  if (hasGz && acceptsCoding(accepted, "gzip")) {
+    return { entry: gz, coding: "gzip", vary: true };
+  }
+  return { entry: null, coding: null, vary: hasBr || hasGz };
+}
+
+/**
+ * Whether Accept-Encoding (RFC 9110 §12.5.3) allows a coding: named, or
+ * matched by `*`, with a weight above 0. Without the field, only identity
+ * is sent, as nginx does.
+ */
+function acceptsCoding(header: string | null, coding: string): boolean {
+  if (header === null) return false;
+  let wildcard = false;
+  for (const item of header.split(",")) {
+    const [token, ...parameters] = item.split(";");
+    let name = token.trim().toLowerCase();
+    if (name === "x-gzip") name = "gzip"; // RFC 9110 §8.4.1.3
+    let weight = 1;
+    for (const parameter of parameters) {
+      const q = /^\s*q\s*=\s*([0-9.]+)\s*$/i.exec(parameter);
+      if (q) weight = Number(q[1]);
+    }
+    if (name === coding) return weight > 0;
+    if (name === "*") wildcard = weight > 0;
+  }
+  return wildcard;
+}
+
+/** Builds the answer for an opened file; a stream takes over its file. */
+function answerWithFile(
+  request: Request,
+  headers: Headers,
+  opened: OpenedFile,
+  encoded: boolean,
+): Response {
+  const { size } = opened.version;
+  const etag = entityTagOf(opened.version);
+  const modified = wholeSeconds(opened.version.mtime);
+  headers.set("etag", etag);
+  headers.set("last-modified", new Date(modified).toUTCString());
+
+  const precondition = evaluatePreconditions(request.headers, etag, modified);
+  if (precondition === 304) return notModified(headers);
+  if (precondition === 412) return statusReply(request, 412);
+  if (request.method === "HEAD") return fileReply(request, 200, headers, size);
+
+  let ranges = requestedRanges(request, etag, modified, size);
+  // Parts of a multipart body cannot carry a content coding: send it whole.
+  if (encoded && ranges && ranges.length > 1) ranges = null;
+  if (ranges === null) {
+    const body = bodyOf(opened, [{ start: 0, end: size }]);
+    return fileReply(request, 200, headers, size, body);
+  }
+  if (ranges.length === 0) {
+    // RFC 9110 §15.5.17: say how long the representation is.
+    return statusReply(request, 416, {
+      "content-range": `bytes */${size}`,
+      "accept-ranges": "bytes",
+    });
+  }
+  if (ranges.length === 1) {
+    const [range] = ranges;
+    headers.set("content-range", contentRange(range, size));
+    const length = range.end - range.start;
+    return fileReply(request, 206, headers, length, bodyOf(opened, ranges));
+  }
+  return multipartReply(request, headers, opened, ranges);
+}
+
+/** RFC 9110 §8.8.3: a strong ETag, which changes with the file. */
+function entityTagOf(version: FileVersion): string {
+  const parts = [version.size, version.mtime];
+  if (version.ino !== null) parts.push(version.ino);
+  return `"${parts.map((part) => part.toString(16)).join("-")}"`;
+}
+
+/** HTTP dates have whole seconds (RFC 9110 §5.6.7). */
+function wholeSeconds(milliseconds: number): number {
+  return Math.floor(milliseconds / 1000) * 1000;
+}
+
+/**
+ * RFC 9110 §15.4.5: a 304 carries the validators and Vary a 200 would have,
+ * and no other representation metadata.
+ */
+function notModified(headers: Headers): Response {
+  const kept = new Headers({ "etag": headers.get("etag")! });
+  const vary = headers.get("vary");
+  if (vary) kept.set("vary", vary);
+  kept.set("x-content-type-options", "nosniff");
+  return new Response(null, { status: 304, headers: kept });
+}
+
+// ---------------------------------------------------------------------------
+// Preconditions (RFC 9110 §13)
+// ---------------------------------------------------------------------------
+
+/**
+ * Evaluates the preconditions of a GET or HEAD in the order of RFC 9110
+ * §13.2.2.
+ * @returns 412, 304, or 0 to go on.
+ */
+function evaluatePreconditions(
+  headers: Headers,
+  etag: string,
+  modified: number,
+): number {
+  // Step 1 (§13.1.1): If-Match, strong comparison.
+  const ifMatch = headers.get("if-match");
+  if (ifMatch !== null) {
+    if (!matchesEntityTag(ifMatch, etag, true)) return 412;
+  } else {
+    // Step 2 (§13.1.4): If-Unmodified-Since, only without If-Match.
+    const since = parseHttpDate(headers.get("if-unmodified-since"));
+    if (since !== null && modified > since) return 412;
+  }
+  // Step 3 (§13.1.2): If-None-Match, weak comparison; a match is a 304 for
+  // GET and HEAD.
+  const ifNoneMatch = headers.get("if-none-match");
+  if (ifNoneMatch !== null) {
+    if (matchesEntityTag(ifNoneMatch, etag, false)) return 304;
+  } else {
+    // Step 4 (§13.1.3): If-Modified-Since, only without If-None-Match.
+    const since = parseHttpDate(headers.get("if-modified-since"));
+    if (since !== null && modified <= since) return 304;
+  }
+  return 0;
+}
+
+/**
+ * Whether an If-Match or If-None-Match value (`*` or a list of entity-tags)
+ * matches the current ETag (RFC 9110 §8.8.3.2): strongly, both must be
+ * strong and equal; weakly, their opaque tags must be equal.
+ */
+function matchesEntityTag(
+  value: string,
+  etag: string,
+  strong: boolean,
+): boolean {
+  if (value.trim() === "*") return true;
+  const opaque = (tag: string) => tag.startsWith("W/") ? tag.slice(2) : tag;
+  for (const tag of entityTags(value)) {
+    if (strong ? tag === etag : opaque(tag) === opaque(etag)) return true;
+  }
+  return false;
+}
+
+/** The entity-tags of a list (RFC 9110 §8.8.3), up to a malformed one. */
+function entityTags(value: string): string[] {
+  const tags: string[] = [];
+  const pattern = /[\s,]*((?:W\/)?"[^"]*")\s*(?:,|$)/y;
+  let match: RegExpExecArray | null;
+  while (pattern.lastIndex < value.length && (match = pattern.exec(value))) {
+    tags.push(match[1]);
+  }
+  return tags;
+}
+
+const DATE_MONTHS = "JanFebMarAprMayJunJulAugSepOctNovDec";
+const DATE_DAY = "(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)";
+const DATE_CLOCK = String.raw`(\d\d):(\d\d):(\d\d)`;
+/** `Sun, 06 Nov 1994 08:49:37 GMT` */
+const IMF_FIXDATE = new RegExp(
+  String.raw`^${DATE_DAY}, (\d\d) (\w{3}) (\d{4}) ${DATE_CLOCK} GMT$`,
+);
+/** `Sunday, 06-Nov-94 08:49:37 GMT` */
+const RFC850_DATE = new RegExp(
+  String.raw`^(?:Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)day, ` +
+    String.raw`(\d\d)-(\w{3})-(\d\d) ${DATE_CLOCK} GMT$`,
+);
+/** `Sun Nov  6 08:49:37 1994` */
+const ASCTIME_DATE = new RegExp(
+  String.raw`^${DATE_DAY} (\w{3}) ([ \d]\d) ${DATE_CLOCK} (\d{4})$`,
+);
+
+/**
+ * Parses an HTTP-date in any of its three forms (RFC 9110 §5.6.7).
+ * @returns milliseconds since the epoch, or null for anything else (which
+ * makes the condition that carried it ignored, §13.1.3).
+ */
+function parseHttpDate(value: string | null): number | null {
+  if (value === null) return null;
+  let day, month, year, hour, minute, second;
+  let match = IMF_FIXDATE.exec(value);
+  if (match) [, day, month, year, hour, minute, second] = match;
+  else if ((match = RFC850_DATE.exec(value))) {
+    [, day, month, year, hour, minute, second] = match;
+    // Two-digit years: the nearest century that is not in the future.
+    const thisYear = new Date().getUTCFullYear();
+    const full = Math.floor(thisYear / 100) * 100 + Number(year);
+    year = String(full > thisYear + 50 ? full - 100 : full);
+  } else if ((match = ASCTIME_DATE.exec(value))) {
+    [, month, day, hour, minute, second, year] = match;
+  } else return null;
+  const monthIndex = DATE_MONTHS.indexOf(month) / 3;
+  if (!Number.isInteger(monthIndex)) return null;
+  const time = Date.UTC(
+    Number(year),
+    monthIndex,
+    Number(day),
+    Number(hour),
+    Number(minute),
+    Number(second),
+  );
+  // Reject what Date.UTC would roll over (Feb 30, 25:00).
+  const date = new Date(time);
+  if (
+    date.getUTCDate() !== Number(day) || date.getUTCHours() !== Number(hour) ||
+    date.getUTCMinutes() !== Number(minute) ||
+    date.getUTCSeconds() !== Number(second)
+  ) return null;
+  return time;
+}
+
+// ---------------------------------------------------------------------------
+// Ranges (RFC 9110 §14)
+// ---------------------------------------------------------------------------
+
+/** A range of bytes: from `start` up to, not including, `end`. */
+interface ByteRange {
+  start: number;
+  end: number;
+}
+
+/**
+ * The ranges a GET asks for.
+ * @returns null to send the whole file; an empty list when none can be
+ * satisfied (a 416).
+ */
+function requestedRanges(
+  request: Request,
+  etag: string,
+  modified: number,
+  size: number,
+): ByteRange[] | null {
+  // §14.2: GET is the only method range requests are defined for.
+  const header = request.headers.get("range");
+  if (header === null || request.method !== "GET") return null;
+  // §13.2.2 step 5, §13.1.5: If-Range decides between 206 and 200.
+  const ifRange = request.headers.get("if-range");
+  if (ifRange !== null && !ifRangeMatches(ifRange, etag, modified)) return null;
+  return parseRanges(header, size);
+}
+
+/**
+ * RFC 9110 §13.1.5: If-Range holds an entity-tag, compared strongly, or a
+ * date, which must equal Last-Modified exactly.
+ */
+function ifRangeMatches(
+  value: string,
+  etag: string,
+  modified: number,
+): boolean {
+  const validator = value.trim();
+  if (validator.startsWith('"') || validator.startsWith("W/")) {
+    return validator === etag;
+  }
+  return parseHttpDate(validator) === modified;
+}
+
+/**
+ * Parses a Range field (RFC 9110 §14.1.2): `bytes=a-b`, `a-`, `-n`, in a
+ * list. A malformed field is ignored (§14.2), and so is a set of ranges
+ * bigger than the file or too many of them, which is an attack or a broken
+ * client (§14.3).
+ * @returns null to ignore the field; the satisfiable ranges otherwise.
+ */
+function parseRanges(header: string, size: number): ByteRange[] | null {
+  const set = /^bytes=(.*)$/i.exec(header.trim());
+  if (!set) return null;
+  const specs = set[1].split(",").filter((spec) => spec.trim() !== "");
+  if (specs.length === 0 || specs.length > MAX_RANGES) return null;
+  const ranges: ByteRange[] = [];
+  let total = 0;
+  for (const spec of specs) {
+    const range = /^\s*(\d*)-(\d*)\s*$/.exec(spec);
+    if (!range || (range[1] === "" && range[2] === "")) return null;
+    let start: number, end: number;
+    if (range[1] === "") {
+      // A suffix: the last n bytes.
+      start = Math.max(0, size - Number(range[2]));
+      end = size;
+    } else {
+      start = Number(range[1]);
+      const last = range[2] === "" ? Infinity : Number(range[2]);
+      if (last < start) return null;
+      end = Math.min(last + 1, size);
+    }
+    // §14.1.1: unsatisfiable when it starts past the end (or is empty).
+    if (start >= end) continue;
+    ranges.push({ start, end });
+    total += end - start;
+  }
+  if (total > size) return null;
+  return ranges;
+}
+
+/** RFC 9110 §14.4: `bytes first-last/size`. */
+function contentRange(range: ByteRange, size: number): string {
+  return `bytes ${range.start}-${range.end - 1}/${size}`;
+}
+
+/**
+ * RFC 9110 §14.6: several ranges go as `multipart/byteranges`, each part with
+ * its own Content-Type and Content-Range.
+ */
+function multipartReply(
+  request: Request,
+  headers: Headers,
+  opened: OpenedFile,
+  ranges: ByteRange[],
+): Response {
+  const type = headers.get("content-type")!;
+  const { size } = opened.version;
+  const random = crypto.getRandomValues(new Uint8Array(12));
+  const boundary = Array.from(
+    random,
+    (byte) => byte.toString(16).padStart(2, "0"),
+  ).join("");
+  const pieces: FilePiece[] = [];
+  let length = 0;
+  for (const range of ranges) {
+    const head = encoder.encode(
+      `${pieces.length ? "\r\n" : ""}--${boundary}\r\n` +
+        `Content-Type: ${type}\r\n` +
+        `Content-Range: ${contentRange(range, size)}\r\n\r\n`,
+    );
+    pieces.push(head, range);
+    length += head.length + range.end - range.start;
+  }
+  const tail = encoder.encode(`\r\n--${boundary}--\r\n`);
+  pieces.push(tail);
+  length += tail.length;
+  headers.set("content-type", `multipart/byteranges; boundary=${boundary}`);
+  return fileReply(request, 206, headers, length, bodyOf(opened, pieces));
+}
+
+// ---------------------------------------------------------------------------
+// Content types
+// ---------------------------------------------------------------------------
+
+const UTF8 = "; charset=utf-8";
+
+/** Media types by extension (a Map: a file named `x.constructor` is safe). */
+const FILE_TYPES = new Map<string, string>([
+  ["html", "text/html" + UTF8],
+  ["htm", "text/html" + UTF8],
+  ["css", "text/css" + UTF8],
+  ["js", "text/javascript" + UTF8],
+  ["mjs", "text/javascript" + UTF8],
+  ["cjs", "text/javascript" + UTF8],
+  ["json", "application/json" + UTF8],
+  ["map", "application/json" + UTF8],
+  ["webmanifest", "application/manifest+json" + UTF8],
+  ["txt", "text/plain" + UTF8],
+  ["md", "text/markdown" + UTF8],
+  ["csv", "text/csv" + UTF8],
+  ["xml", "application/xml" + UTF8],
+  ["rss", "application/rss+xml" + UTF8],
+  ["atom", "application/atom+xml" + UTF8],
+  ["ics", "text/calendar" + UTF8],
+  ["vtt", "text/vtt" + UTF8],
+  ["yaml", "application/yaml" + UTF8],
+  ["yml", "application/yaml" + UTF8],
+  ["svg", "image/svg+xml" + UTF8],
+  ["png", "image/png"],
+  ["apng", "image/apng"],
+  ["jpg", "image/jpeg"],
+  ["jpeg", "image/jpeg"],
+  ["gif", "image/gif"],
+  ["webp", "image/webp"],
+  ["avif", "image/avif"],
+  ["bmp", "image/bmp"],
+  ["ico", "image/vnd.microsoft.icon"],
+  ["woff", "font/woff"],
+  ["woff2", "font/woff2"],
+  ["ttf", "font/ttf"],
+  ["otf", "font/otf"],
+  ["wasm", "application/wasm"],
+  ["pdf", "application/pdf"],
+  ["mp4", "video/mp4"],
+  ["webm", "video/webm"],
+  ["ogv", "video/ogg"],
+  ["mp3", "audio/mpeg"],
+  ["m4a", "audio/mp4"],
+  ["ogg", "audio/ogg"],
+  ["opus", "audio/ogg"],
+  ["oga", "audio/ogg"],
+  ["wav", "audio/wav"],
+  ["flac", "audio/flac"],
+  ["zip", "application/zip"],
+  ["gz", "application/gzip"],
+  ["tgz", "application/gzip"],
+  ["tar", "application/x-tar"],
+]);
+
+/** A file's Content-Type (RFC 9110 §8.3), from its extension. */
+function contentTypeOf(name: string): string {
+  const dot = name.lastIndexOf(".");
+  if (dot <= 0) return "application/octet-stream";
+  const extension = name.slice(dot + 1).toLowerCase();
+  return FILE_TYPES.get(extension) ?? "application/octet-stream";
+}
+
+// ---------------------------------------------------------------------------
+// Directory listings, 404s and short replies
+// ---------------------------------------------------------------------------
+
+/** One line of a directory listing. */
+interface ListedEntry {
+  name: string;
+  directory: boolean;
+  size: number;
+  mtime: number;
+}
+
+/**
+ * An HTML listing of a directory: names HTML-escaped, links percent-encoded,
+ * directories first, then by name; hidden and out-of-root entries left out.
+ */
+async function listDirectory(
+  request: Request,
+  root: string,
+  names: string[],
+  directory: FileEntry,
+  dotfiles: boolean,
+): Promise<Response> {
+  const listed: ListedEntry[] = [];
+  for await (const item of Deno.readDir(directory.path)) {
+    if (listed.length >= MAX_LISTING) break;
+    if (!dotfiles && item.name.startsWith(".")) continue;
+    // Uncached: a listing must not push hot files out of the cache.
+    const entry = await lookUp(root, [...names, item.name], "", 0);
+    if (!isServable(entry, dotfiles)) continue;
+    listed.push({
+      name: item.name,
+      directory: entry.kind === "directory",
+      size: entry.size,
+      mtime: entry.mtime,
+    });
+  }
+  listed.sort(compareListed);
+  const page = encoder.encode(listingPage(names, listed));
+  const headers = new Headers({
+    "content-type": "text/html" + UTF8,
+    "x-content-type-options": "nosniff",
+  });
+  return fileReply(request, 200, headers, page.length, page);
+}
+
+/** Directories first, then by name (in UTF-16 code unit order). */
+function compareListed(a: ListedEntry, b: ListedEntry): number {
+  if (a.directory !== b.directory) return a.directory ? -1 : 1;
+  return a.name < b.name ? -1 : a.name > b.name ? 1 : 0;
+}
+
+/** The HTML of a directory listing. */
+function listingPage(names: string[], listed: ListedEntry[]): string {
+  const title = escapeHtml(names.map((name) => `/${name}`).join("") + "/");
+  const rows = listed.map((entry) => {
+    const slash = entry.directory ? "/" : "";
+    const href = encodeURIComponent(entry.name) + slash;
+    const size = entry.directory ? "-" : String(entry.size);
+    const date = new Date(entry.mtime).toISOString().slice(0, 19)
+      .replace("T", " ");
+    return `<tr><td><a href="${href}">${escapeHtml(entry.name)}${slash}</a>` +
+      `</td><td>${size}</td><td>${date} UTC</td></tr>`;
+  });
+  if (names.length > 0) {
+    rows.unshift(`<tr><td><a href="../">../</a></td><td></td><td></td></tr>`);
+  }
+  return `<!DOCTYPE html>
+<html lang="en">
+  <head>
+    <meta charset="utf-8">
+    <title>Index of ${title}</title>
+  </head>
+  <body>
+    <h1>Index of ${title}</h1>
+    <table>
+      <tr><th>Name</th><th>Size</th><th>Modified</th></tr>
+      ${rows.join("\n      ")}
+    </table>
+  </body>
+</html>
+`;
+}
+
+const HTML_ESCAPES: Record<string, string> = {
+  "&": "&amp;",
+  "<": "&lt;",
+  ">": "&gt;",
+  '"': "&quot;",
+  "'": "&#39;",
+};
+
+/** Escapes text for HTML content and quoted attribute values. */
+function escapeHtml(text: string): string {
+  return text.replace(/[&<>"']/g, (char) => HTML_ESCAPES[char]);
+}
+
+const BUILT_IN_NOT_FOUND = encoder.encode(NOT_FOUND_PAGE);
+
+/**
+ * A 404 whose body is the root's `404.html`, as GitHub Pages and Netlify do,
+ * or else the built-in Oops page.
+ */
+async function notFound(request: Request, root: string): Promise<Response> {
+  const headers = new Headers({
+    "content-type": "text/html" + UTF8,
+    "x-content-type-options": "nosniff",
+  });
+  const page = await locate(root, ["404.html"]);
+  if (!isServable(page, false) || page.kind !== "file") {
+    const body = BUILT_IN_NOT_FOUND;
+    return fileReply(request, 404, headers, body.length, body);
+  }
+  let opened: OpenedFile;
+  try {
+    opened = await openFile(page);
+  } catch (error) {
+    if (!isMissing(error)) throw error;
+    const body = BUILT_IN_NOT_FOUND;
+    return fileReply(request, 404, headers, body.length, body);
+  }
+  try {
+    const { size } = opened.version;
+    if (request.method === "HEAD") {
+      return fileReply(request, 404, headers, size);
+    }
+    const body = bodyOf(opened, [{ start: 0, end: size }]);
+    return fileReply(request, 404, headers, size, body);
+  } finally {
+    opened.file?.close();
+  }
+}
+
+/** A short plain-text reply, such as `405 Method Not Allowed`. */
+function statusReply(
+  request: Request,
+  status: number,
+  fields: Record<string, string> = {},
+): Response {
+  const body = encoder.encode(`${status} ${REASONS[status]}\n`);
+  const headers = new Headers(fields);
+  headers.set("content-type", "text/plain" + UTF8);
+  headers.set("x-content-type-options", "nosniff");
+  return fileReply(request, status, headers, body.length, body);
+}
+
+/**
+ * A reply whose body is `length` bytes, said in Content-Length: a streamed
+ * file then goes out framed by its length, not chunked, and a HEAD answer
+ * has the same fields as GET's (RFC 9110 §9.3.2) without the body.
+ */
+function fileReply(
+  request: Request,
+  status: number,
+  headers: Headers,
+  length: number,
+  body:
+    | Uint8Array<ArrayBuffer>
+    | ReadableStream<Uint8Array<ArrayBuffer>>
+    | null = null,
+): Response {
+  headers.set("content-length", String(length));
+  if (request.method === "HEAD") body = null;
+  return new Response(body, { status, headers });
+}
+
+// ---------------------------------------------------------------------------
 // The access log: Common Log Format, buffered
 // ---------------------------------------------------------------------------
 
@@ -2575,6 +3762,9 @@ function writeStdout(text: string): Promise<void> {
 /** The command line's settings: `serve()`'s options plus the CLI's own. */
 interface Settings extends ServeOptions {
   app?: string;
+  root?: string;
+  list?: boolean;
+  dotfiles?: boolean;
   certFile?: string;
   keyFile?: string;
   redirectHttp?: number;
@@ -2590,6 +3780,9 @@ const FLAGS: Record<string, [keyof Settings, Kind]> = {
   "--hostname": ["hostname", "text"],
   "--port": ["port", "port"],
   "--app": ["app", "text"],
+  "--root": ["root", "text"],
+  "--list": ["list", "switch"],
+  "--dotfiles": ["dotfiles", "switch"],
   "--cert": ["certFile", "text"],
   "--key": ["keyFile", "text"],
   "--redirect-http": ["redirectHttp", "port"],
@@ -2662,6 +3855,10 @@ Flags (seconds may have fractions):
   --app FILE|URL           serve this module's default export's fetch()
                            instead (the deno serve convention; needs
                            --allow-read)
+  --root DIR               serve the files under DIR instead (needs
+                           --allow-read=DIR)
+  --list                   with --root: list directories without index.html
+  --dotfiles               with --root: serve names starting with "."
   --cert FILE --key FILE   serve HTTPS with this PEM certificate chain and
                            key (needs --allow-read for both)
   --redirect-http PORT     with --cert: plain HTTP on PORT, answering 308 to
@@ -2737,10 +3934,17 @@ async function main(args: string[] = Deno.args): Promise<void> {
   if (settings.redirectHttp !== undefined && !options.cert) {
     refuse("--redirect-http needs --cert and --key");
   }
+  if (settings.app && settings.root) {
+    refuse("--app and --root exclude each other");
+  }
+  if ((settings.list || settings.dotfiles) && !settings.root) {
+    refuse("--list and --dotfiles go with --root");
+  }
   if (settings.app) {
     options.app = appUrl(settings.app);
     options.handler = await loadApp(options.app, settings.app);
   }
+  if (settings.root) options.handler = filesHandler(settings);
   let redirect: Server | undefined;
   const listening = (addr: Deno.NetAddr) => {
     console.log(listeningLine(addr, options.cert !== undefined));
@@ -2884,6 +4088,34 @@ function serveRedirect(
   }
   onSignal(() => server.shutdown());
   return server;
+}
+
+// ---------------------------------------------------------------------------
+// --root: a folder of files
+// ---------------------------------------------------------------------------
+
+/**
+ * `--root DIR`: a directory that exists and may be read — checked now, so
+ * that a typo is one line at start rather than a 500 on every request.
+ */
+function filesHandler(settings: Settings): ServeHandler {
+  const root = settings.root!;
+  const access = Deno.permissions.querySync({ name: "read", path: root });
+  if (access.state !== "granted") {
+    refuse(`--root needs read access to ${root}: --allow-read=${root}`);
+  }
+  try {
+    if (!Deno.statSync(root).isDirectory) {
+      refuse(`--root ${root}: not a directory`);
+    }
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) {
+      refuse(`--root ${root}: no such directory`);
+    }
+    refuse(`--root ${root}: ${firstLine(error)}`);
+  }
+  const options = { root, list: settings.list, dotfiles: settings.dotfiles };
+  return (request) => serveFiles(request, options);
 }
 
 // ---------------------------------------------------------------------------

@@ -2024,15 +2024,6 @@ function toRequest(
     : head.hostEnd > 0
     ? `${server.scheme}://${latin1(buf, head.hostStart, head.hostEnd)}${target}`
     : `${server.scheme}://${hostOf(server.listener.addr)}${target}`;
-  const { fields, fieldCount } = head;
-  const headers: [string, string][] = new Array(fieldCount);
-  for (let i = 0; i < fieldCount; i++) {
-    const at = 4 * i;
-    headers[i] = [
-      latin1(buf, fields[at], fields[at + 1]),
-      latin1(buf, fields[at + 2], fields[at + 3]),
-    ];
-  }
   // The Fetch API allows no body on GET or HEAD: one sent anyway is
   // dropped like any body the handler leaves unread.
   const reader = exchange.reader;
@@ -2042,6 +2033,7 @@ function toRequest(
   const signal = connection.signal;
   try {
     if (!REQUEST_SLOTS) {
+      const headers = fieldPairs(buf, head, []);
       return new Request(url, {
         method,
         headers,
@@ -2053,12 +2045,28 @@ function toRequest(
       ? new Request(url)
       : new Request(url, { method, body: exchange.stream });
     const slots = request as unknown as Record<symbol, InnerRequest>;
-    slots[REQUEST_SLOTS.inner].headerList.push(...headers);
+    fieldPairs(buf, head, slots[REQUEST_SLOTS.inner].headerList);
     (slots as Record<symbol, unknown>)[REQUEST_SLOTS.signal] = signal;
     return request;
   } catch {
     return 400;
   }
+}
+
+/** The head's fields as name and value pairs, appended to `list`. */
+function fieldPairs(
+  buf: Uint8Array,
+  head: RequestHead,
+  list: [string, string][],
+): [string, string][] {
+  const { fields, fieldCount } = head;
+  for (let at = 0; at < 4 * fieldCount; at += 4) {
+    list.push([
+      latin1(buf, fields[at], fields[at + 1]),
+      latin1(buf, fields[at + 2], fields[at + 3]),
+    ]);
+  }
+  return list;
 }
 
 interface InnerRequest {

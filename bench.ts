@@ -25,7 +25,7 @@
  * floor, paired within each round. With `--workers N` it also runs ours with
  * N workers against `deno serve --parallel`. The results are markdown tables
  * on stdout, followed by PASS/FAIL lines for the targets; progress goes to
- * stderr. With the defaults the whole run takes about 12 minutes.
+ * stderr. With the defaults a run takes about 11 minutes on a 2-core machine.
  *
  * Needs `wrk` (`apt-get install -y wrk`); `taskset` (util-linux) pins the
  * load generator to CPU 0 and the servers to the other CPUs.
@@ -106,6 +106,50 @@ function serveAnchor(): void {
     { hostname: "127.0.0.1", port: 0, onListen: announce },
     anchorHandler,
   );
+}
+
+/** The `node:http` twin of the anchor, written to a file and run by node. */
+function nodeServerSource(): string {
+  return `import { createServer } from "node:http";
+const HELLO = ${JSON.stringify(HELLO_PAGE)};
+const NOT_FOUND = ${JSON.stringify(NOT_FOUND_PAGE)};
+const HTML = "text/html; charset=utf-8";
+function page(res, status, body) {
+  res.writeHead(status, {
+    "Content-Type": HTML,
+    "Content-Length": Buffer.byteLength(body),
+  });
+  res.end(body);
+}
+function notAllowed(res, allow) {
+  res.writeHead(405, { Allow: allow, "Content-Type": "text/plain" });
+  res.end("Method Not Allowed\\n");
+}
+const server = createServer((req, res) => {
+  const path = req.url.split("?")[0];
+  const read = req.method === "GET" || req.method === "HEAD";
+  if (path === "/") {
+    return read ? page(res, 200, HELLO) : notAllowed(res, "GET, HEAD");
+  }
+  if (path === "/sleep") {
+    if (!read) return notAllowed(res, "GET, HEAD");
+    return setTimeout(() => page(res, 200, HELLO), ${SLEEP_MS});
+  }
+  if (path === "/echo") {
+    if (req.method !== "POST") return notAllowed(res, "POST");
+    res.writeHead(200);
+    return req.pipe(res);
+  }
+  page(res, 404, NOT_FOUND);
+});
+server.keepAliveTimeout = 60_000;
+server.listen(0, "127.0.0.1", () => {
+  console.log("Listening on http://127.0.0.1:" + server.address().port + "/");
+});
+for (const signal of ["SIGINT", "SIGTERM"]) {
+  process.on(signal, () => process.exit(0));
+}
+`;
 }
 
 // ---------------------------------------------------------------------------
@@ -300,50 +344,6 @@ async function serveFloor(): Promise<void> {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   announce(listener.addr);
   for await (const conn of listener) floorConnection(conn);
-}
-
-/** The `node:http` twin of the anchor, written to a file and run by node. */
-function nodeServerSource(): string {
-  return `import { createServer } from "node:http";
-const HELLO = ${JSON.stringify(HELLO_PAGE)};
-const NOT_FOUND = ${JSON.stringify(NOT_FOUND_PAGE)};
-const HTML = "text/html; charset=utf-8";
-function page(res, status, body) {
-  res.writeHead(status, {
-    "Content-Type": HTML,
-    "Content-Length": Buffer.byteLength(body),
-  });
-  res.end(body);
-}
-function notAllowed(res, allow) {
-  res.writeHead(405, { Allow: allow, "Content-Type": "text/plain" });
-  res.end("Method Not Allowed\\n");
-}
-const server = createServer((req, res) => {
-  const path = req.url.split("?")[0];
-  const read = req.method === "GET" || req.method === "HEAD";
-  if (path === "/") {
-    return read ? page(res, 200, HELLO) : notAllowed(res, "GET, HEAD");
-  }
-  if (path === "/sleep") {
-    if (!read) return notAllowed(res, "GET, HEAD");
-    return setTimeout(() => page(res, 200, HELLO), ${SLEEP_MS});
-  }
-  if (path === "/echo") {
-    if (req.method !== "POST") return notAllowed(res, "POST");
-    res.writeHead(200);
-    return req.pipe(res);
-  }
-  page(res, 404, NOT_FOUND);
-});
-server.keepAliveTimeout = 60_000;
-server.listen(0, "127.0.0.1", () => {
-  console.log("Listening on http://127.0.0.1:" + server.address().port + "/");
-});
-for (const signal of ["SIGINT", "SIGTERM"]) {
-  process.on(signal, () => process.exit(0));
-}
-`;
 }
 
 // ---------------------------------------------------------------------------

@@ -629,9 +629,23 @@ async function handleConnection(
       connection.headStarted = 0;
       const line = server.log ? requestLine(connection.buffer, request) : "";
       if (consumed > 0) connection.start += consumed;
-      const keepAlive = consumed > 0 && server.handler && request.path !== "*"
-        ? await respond(server, connection, line, began)
-        : await answer(server, connection, consumed, line, began);
+      let keepAlive: boolean | null;
+      if (consumed > 0 && server.handler && request.path !== "*") {
+        keepAlive = await respond(server, connection, line, began);
+      } else {
+        // Awaited only when there is something to wait for: the hot path of
+        // the book's routes takes no trip through the microtask queue.
+        const reply = consumed < 0
+          ? errorReply(-consumed)
+          : request.chunked || request.contentLength > 0
+          ? await readAndRoute(server, connection)
+          : server.handler
+          ? ANY_OPTIONS
+          : route(request.method, request.path, EMPTY);
+        if (reply?.delayed) await delay(server, connection);
+        keepAlive = reply && !connection.closed &&
+          answer(server, connection, reply, line, began);
+      }
       if (keepAlive === null || connection.closed) return;
       if (!keepAlive) {
         await flush(server, connection);
@@ -1774,35 +1788,18 @@ const ANY_OPTIONS: Reply = {
 
 /**
  * The server's own replies — the book's routes, and the refusals of requests
- * that fail to parse — queued to be written with the rest of the batch.
- * @returns Whether the connection stays open, or null when it is gone.
+ * that fail to parse or that a handler never sees — queued to be written
+ * with the rest of the batch.
+ * @returns Whether the connection stays open.
  */
-async function answer(
+function answer(
   server: ServerState,
   connection: Connection,
-  consumed: number,
+  reply: Reply,
   line: string,
   began: number,
-): Promise<boolean | null> {
+): boolean {
   const request = connection.request;
-  let reply: Reply | null;
-  if (consumed < 0) {
-    reply = errorReply(-consumed);
-  } else if (request.chunked || request.contentLength > 0) {
-    reply = await readAndRoute(server, connection);
-  } else {
-    reply = server.handler && request.path === "*"
-      ? ANY_OPTIONS
-      : route(request.method, request.path, EMPTY);
-  }
-  if (reply === null) return null;
-  if (reply.delayed) {
-    if (connection.pendingBytes > 0) await flush(server, connection);
-    connection.state = BUSY;
-    connection.deadline = Infinity;
-    await connection.sleep(server.limits.sleepDelay * 1000);
-    if (connection.closed) return null;
-  }
   connection.refused = REFUSALS.has(reply.status);
   const keepAlive = !connection.refused && !server.closing &&
     shouldKeepAlive(request);
@@ -1821,6 +1818,14 @@ async function answer(
     began,
   );
   return keepAlive;
+}
+
+/** `/sleep`: the reply waits, and so does the connection, without a deadline. */
+async function delay(server: ServerState, connection: Connection) {
+  if (connection.pendingBytes > 0) await flush(server, connection);
+  connection.state = BUSY;
+  connection.deadline = Infinity;
+  await connection.sleep(server.limits.sleepDelay * 1000);
 }
 
 /**
@@ -1849,7 +1854,9 @@ async function readAndRoute(
   const result = await readBody(server, connection);
   if (result === null) return null;
   if (typeof result === "number") return errorReply(result);
-  return route(request.method, request.path, result);
+  return server.handler
+    ? ANY_OPTIONS
+    : route(request.method, request.path, result);
 }
 
 /**
@@ -1955,7 +1962,7 @@ async function respond(
   );
   const request = toRequest(server, connection, exchange);
   if (typeof request === "number") {
-    return answer(server, connection, -request, line, began);
+    return answer(server, connection, errorReply(request), line, began);
   }
   connection.state = BUSY;
   connection.deadline = Infinity;
@@ -1973,7 +1980,7 @@ async function respond(
     exchange.finish(new Error(`the request body failed (${reader.failed})`));
     await response.body?.cancel().catch(() => {});
     return reader.failed > 0
-      ? answer(server, connection, -reader.failed, line, began)
+      ? answer(server, connection, errorReply(reader.failed), line, began)
       : null;
   }
   let keepAlive = !server.closing && shouldKeepAlive(head);

@@ -517,6 +517,8 @@ class Connection {
   refused = false;
   /** A handler's response is on its way: a timeout can only close. */
   responding = false;
+  /** The last request's target, host and fields, as text: see recall(). */
+  readonly texts: string[] = [];
   /** Responses parsed from one read, written together. */
   pending: Uint8Array[] = [];
   pendingBytes = 0;
@@ -1409,6 +1411,32 @@ function forEachListItem(
   }
 }
 
+/** Whether `buf[start, end)` spells `text`. */
+function spells(buf: Uint8Array, start: number, end: number, text: string) {
+  if (end - start !== text.length) return false;
+  for (let i = 0; i < text.length; i++) {
+    if (buf[start + i] !== text.charCodeAt(i)) return false;
+  }
+  return true;
+}
+
+/**
+ * `buf[start, end)` as text: the string kept in `texts[slot]` when the bytes
+ * spell it again — a client sends the same target and fields request after
+ * request — else a new one, kept there for next time.
+ */
+function recall(
+  buf: Uint8Array,
+  start: number,
+  end: number,
+  texts: string[],
+  slot: number,
+): string {
+  const known = texts[slot];
+  if (known !== undefined && spells(buf, start, end, known)) return known;
+  return texts[slot] = latin1(buf, start, end);
+}
+
 function latin1(buf: Uint8Array, start: number, end: number): string {
   return String.fromCharCode.apply(null, buf.subarray(start, end) as never);
 }
@@ -1455,12 +1483,7 @@ let lastLine = "-";
 function requestLine(buf: Uint8Array, request: RequestHead): string {
   const { methodStart: start, lineEnd: end } = request;
   if (end === 0) return "-";
-  const last = lastReceived;
-  if (end - start === last.length) {
-    let i = 0;
-    while (i < last.length && buf[start + i] === last.charCodeAt(i)) i++;
-    if (i === last.length) return lastLine;
-  }
+  if (spells(buf, start, end, lastReceived)) return lastLine;
   lastReceived = latin1(buf, start, end);
   return lastLine = escapeForLog(lastReceived);
 }
@@ -2025,11 +2048,14 @@ function toRequest(
   if (method === "CONNECT" || method === "TRACE" || method === "TRACK") {
     return 501;
   }
-  const target = latin1(buf, head.targetStart, head.targetEnd);
+  const { texts } = connection;
+  const target = recall(buf, head.targetStart, head.targetEnd, texts, 0);
   const url = buf[head.targetStart] !== SLASH
     ? target
     : head.hostEnd > 0
-    ? `${server.scheme}://${latin1(buf, head.hostStart, head.hostEnd)}${target}`
+    ? `${server.scheme}://${
+      recall(buf, head.hostStart, head.hostEnd, texts, 1)
+    }${target}`
     : `${server.scheme}://${hostOf(server.listener.addr)}${target}`;
   // The Fetch API allows no body on GET or HEAD: one sent anyway is
   // dropped like any body the handler leaves unread.
@@ -2040,7 +2066,7 @@ function toRequest(
   const signal = connection.signal;
   try {
     if (!REQUEST_SLOTS) {
-      const headers = fieldPairs(buf, head, []);
+      const headers = fieldPairs(buf, head, texts, []);
       return new Request(url, {
         method,
         headers,
@@ -2052,7 +2078,7 @@ function toRequest(
       ? new Request(url)
       : new Request(url, { method, body: exchange.stream });
     const slots = request as unknown as Record<symbol, InnerRequest>;
-    fieldPairs(buf, head, slots[REQUEST_SLOTS.inner].headerList);
+    fieldPairs(buf, head, texts, slots[REQUEST_SLOTS.inner].headerList);
     (slots as Record<symbol, unknown>)[REQUEST_SLOTS.signal] = signal;
     return request;
   } catch {
@@ -2064,13 +2090,14 @@ function toRequest(
 function fieldPairs(
   buf: Uint8Array,
   head: RequestHead,
+  texts: string[],
   list: [string, string][],
 ): [string, string][] {
   const { fields, fieldCount } = head;
   for (let at = 0; at < 4 * fieldCount; at += 4) {
     list.push([
-      latin1(buf, fields[at], fields[at + 1]),
-      latin1(buf, fields[at + 2], fields[at + 3]),
+      recall(buf, fields[at], fields[at + 1], texts, 2 + at / 2),
+      recall(buf, fields[at + 2], fields[at + 3], texts, 3 + at / 2),
     ]);
   }
   return list;

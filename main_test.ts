@@ -1,6 +1,9 @@
 /**
  * Tests for main.ts: a server on port 0 in this process, spoken to in raw
- * bytes over `Deno.connect`. Run with `deno test --allow-net`.
+ * bytes over `Deno.connect`. Run with
+ * `deno test --allow-net --allow-read --allow-write` (`deno task test`): the
+ * tests of serveFiles() build files in a temporary directory, and with
+ * `--allow-net` alone they are ignored.
  */
 import assert from "node:assert/strict";
 import {
@@ -10,6 +13,8 @@ import {
   parseRequest,
   RequestHead,
   serve,
+  serveFiles,
+  type ServeFilesOptions,
   type ServeHandler,
   type ServeOptions,
   type Server,
@@ -1437,14 +1442,35 @@ const LOG_LINE = new RegExp(
   ].join(""),
 );
 
+/** One access log line, parsed. */
+interface LogLine {
+  time: number;
+  request: string;
+  status: number;
+  /** The body bytes sent (`-` is 0). */
+  bytes: number;
+}
+
 /** Parses one access log line, failing unless it is Common Log Format. */
-function parseLogLine(line: string): { time: number; request: string } {
+function parseLogLine(line: string): LogLine {
   for (const char of line) {
     assert.ok(char >= " " && char !== "\x7f", `a control byte in ${line}`);
   }
   const match = LOG_LINE.exec(line);
   assert.ok(match, `a Common Log Format line: ${JSON.stringify(line)}`);
-  const [, , day, month, year, hours, minutes, seconds, request] = match;
+  const [
+    ,
+    ,
+    day,
+    month,
+    year,
+    hours,
+    minutes,
+    seconds,
+    request,
+    status,
+    bytes,
+  ] = match;
   assert.ok(MONTHS.includes(month), month);
   const time = Date.UTC(
     Number(year),
@@ -1454,7 +1480,12 @@ function parseLogLine(line: string): { time: number; request: string } {
     Number(minutes),
     Number(seconds),
   );
-  return { time, request };
+  return {
+    time,
+    request,
+    status: Number(status),
+    bytes: bytes === "-" ? 0 : Number(bytes),
+  };
 }
 
 function logLines(batches: string[]): string[] {
@@ -2550,6 +2581,1374 @@ Deno.test("serve() has ref() and unref(), and shuts down at the end of await usi
   // Symbol.asyncDispose shut it down: nothing listens there any more.
   await assert.rejects(Deno.connect({ port }));
 });
+
+// ---------------------------------------------------------------------------
+// Files: serveFiles(), on fixture trees in a temporary directory
+// ---------------------------------------------------------------------------
+
+/** Whether this run may use a permission (without asking for it). */
+function granted(name: "read" | "write"): boolean {
+  return Deno.permissions.querySync({ name }).state === "granted";
+}
+
+/**
+ * The options of every file test: they build trees in a temporary directory,
+ * so without read and write access (`deno test --allow-net` alone) they are
+ * reported as ignored rather than failed, and the reason is printed once.
+ */
+const FILES = { ignore: !granted("read") || !granted("write") };
+if (FILES.ignore) {
+  console.warn(
+    "main_test.ts: the file tests are ignored: they need --allow-read and " +
+      "--allow-write (deno task test)",
+  );
+}
+
+/** A symbolic link to create, pointing at `link`. */
+interface Link {
+  link: string;
+}
+
+/** Paths (relative to the temporary directory) and what they hold. */
+type Tree = Record<string, string | Uint8Array | Link | null>;
+
+/** A temporary directory holding the root `site/` and whatever is beside it. */
+interface Fixture extends AsyncDisposable {
+  dir: string;
+  root: string;
+}
+
+/** A fixed modification time, so that validators are predictable. */
+const MTIME = new Date("2020-01-02T03:04:05Z");
+const LAST_MODIFIED = "Thu, 02 Jan 2020 03:04:05 GMT";
+
+/**
+ * Builds a tree: a string or bytes is a file, null a directory, a Link a
+ * symbolic link. Files get MTIME. The directory is removed when the fixture
+ * is disposed of.
+ */
+async function fixture(tree: Tree): Promise<Fixture> {
+  const dir = await Deno.makeTempDir({ prefix: "main_test_" });
+  await Deno.mkdir(`${dir}/site`);
+  for (const [path, contents] of Object.entries(tree)) {
+    const full = `${dir}/${path}`;
+    await Deno.mkdir(full.slice(0, full.lastIndexOf("/")), { recursive: true });
+    if (contents === null) await Deno.mkdir(full, { recursive: true });
+    else if (typeof contents === "string") {
+      await Deno.writeTextFile(full, contents);
+    } else if (contents instanceof Uint8Array) {
+      await Deno.writeFile(full, contents);
+    } else await Deno.symlink(contents.link, full);
+    if (typeof contents === "string" || contents instanceof Uint8Array) {
+      await Deno.utime(full, MTIME, MTIME);
+    }
+  }
+  return {
+    dir,
+    root: `${dir}/site`,
+    [Symbol.asyncDispose]: () => Deno.remove(dir, { recursive: true }),
+  };
+}
+
+/** A response of serveFiles(), read whole. */
+interface FileReply {
+  status: number;
+  headers: Headers;
+  text: string;
+  /** The body was null (as for HEAD and 304). */
+  empty: boolean;
+}
+
+/** Asks serveFiles() itself for a path (anything after `http://localhost`). */
+async function getFile(
+  options: ServeFilesOptions,
+  path: string,
+  init: RequestInit = {},
+): Promise<FileReply> {
+  const url = path.includes("://") ? path : `http://localhost${path}`;
+  const response = await serveFiles(new Request(url, init), options);
+  const empty = response.body === null;
+  const text = await response.text();
+  return { status: response.status, headers: response.headers, text, empty };
+}
+
+/** Headers for a GET. */
+function withHeaders(fields: Record<string, string>): RequestInit {
+  return { headers: fields };
+}
+
+/** Serves the files of `options` on a free port during `test`. */
+function withFiles(
+  options: ServeFilesOptions & ServeOptions,
+  test: (server: Server) => Promise<void>,
+): Promise<void> {
+  const { root, list, dotfiles, ...serveOptions } = options;
+  const files = { root, list, dotfiles };
+  return withHandler(
+    serveOptions,
+    (request) => serveFiles(request, files),
+    test,
+  );
+}
+
+/**
+ * The number of descriptors this process has open, or null where that cannot
+ * be seen: Deno 2 lets only `--allow-all` read `/proc/self/fd`, and only
+ * Linux has it.
+ */
+function openDescriptors(): number | null {
+  try {
+    return [...Deno.readDirSync("/proc/self/fd")].length;
+  } catch (error) {
+    if (error instanceof Deno.errors.NotCapable) return null;
+    if (error instanceof Deno.errors.NotFound) return null; // not Linux
+    throw error;
+  }
+}
+
+/** Files opened through `Deno.open` while tracked. */
+interface OpenFiles extends Disposable {
+  /** How many were opened. */
+  readonly opened: number;
+  /** How many of those are not closed yet. */
+  readonly count: number;
+}
+
+/**
+ * Counts the files opened and not closed while it is in use, by wrapping
+ * `Deno.open`: this works with `--allow-read` alone, where the descriptor
+ * count cannot be read (and Deno's resource sanitizer does not report open
+ * files).
+ */
+function trackOpenFiles(): OpenFiles {
+  const original = Deno.open;
+  let opened = 0;
+  let count = 0;
+  Deno.open = async (...args: Parameters<typeof Deno.open>) => {
+    const file = await original(...args);
+    opened++;
+    count++;
+    const close = file.close.bind(file);
+    let closed = false;
+    file.close = () => {
+      if (!closed) count--;
+      closed = true;
+      close();
+    };
+    return file;
+  };
+  return {
+    get opened() {
+      return opened;
+    },
+    get count() {
+      return count;
+    },
+    [Symbol.dispose]() {
+      Deno.open = original;
+    },
+  };
+}
+
+/**
+ * Waits (at most 5 s) for every tracked file to be closed and the descriptor
+ * count to come back down: a read in flight when its stream is cancelled
+ * lets go of its descriptor when it ends, and a server notices a client
+ * that went away only at its next write.
+ */
+async function settleFiles(
+  files: OpenFiles,
+  before: number | null,
+): Promise<void> {
+  for (let wait = 0; wait < 250; wait++) {
+    const now = openDescriptors();
+    const descriptorsBack = now === null || before === null || now <= before;
+    if (files.count === 0 && descriptorsBack) return;
+    await delay(20);
+  }
+}
+
+/** An ASCII file of `lines` numbered lines of 16 bytes each. */
+function numberedLines(lines: number): string {
+  const parts: string[] = [];
+  for (let line = 0; line < lines; line++) {
+    parts.push(`${String(line).padStart(15, "0")}\n`);
+  }
+  return parts.join("");
+}
+
+/** A file of well over 64 KiB: streamed rather than read whole. */
+const BIG = numberedLines(70_000);
+
+const MIB = 1024 * 1024;
+
+const NOT_FOUND_STATUSES = [400, 404];
+
+// ---------------------------------------------------------------------------
+// The book's pages
+// ---------------------------------------------------------------------------
+
+Deno.test("serveFiles() serves index.html for /", FILES, async () => {
+  await using site = await fixture({
+    "site/index.html": "<h1>Hello from disk</h1>",
+  });
+  const reply = await getFile({ root: site.root }, "/");
+  assert.equal(reply.status, 200);
+  assert.equal(reply.text, "<h1>Hello from disk</h1>");
+  assert.equal(reply.headers.get("content-type"), "text/html; charset=utf-8");
+});
+
+Deno.test(
+  "serveFiles() answers a missing file with the Oops page",
+  FILES,
+  async () => {
+    await using site = await fixture({ "site/a.txt": "A" });
+    const reply = await getFile({ root: site.root }, "/nothing.html");
+    assert.equal(reply.status, 404);
+    assert.match(reply.text, /<h1>Oops!<\/h1>/);
+    assert.equal(reply.headers.get("content-type"), "text/html; charset=utf-8");
+    // No index.html: / is a 404 too.
+    assert.equal((await getFile({ root: site.root }, "/")).status, 404);
+  },
+);
+
+Deno.test(
+  "serveFiles() sends the root's 404.html with every 404",
+  FILES,
+  async () => {
+    await using site = await fixture({
+      "site/404.html": "<p>Custom 404</p>",
+      "site/sub/b.txt": "B",
+      "site/.env": "ENV",
+    });
+    const options = { root: site.root };
+    for (
+      const path of ["/nothing", "/sub/", "/.env", "/sub/b.txt/", "/x/y/z"]
+    ) {
+      const reply = await getFile(options, path);
+      assert.equal(reply.status, 404, path);
+      assert.equal(reply.text, "<p>Custom 404</p>", path);
+    }
+    const head = await getFile(options, "/nothing", { method: "HEAD" });
+    assert.equal(head.status, 404);
+    assert.ok(head.empty);
+    assert.equal(head.headers.get("content-length"), "17");
+  },
+);
+
+// ---------------------------------------------------------------------------
+// Methods
+// ---------------------------------------------------------------------------
+
+Deno.test(
+  "serveFiles() answers other methods with 405 and Allow",
+  FILES,
+  async () => {
+    await using site = await fixture({ "site/a.txt": "A" });
+    for (const method of ["POST", "PUT", "DELETE", "OPTIONS", "PATCH"]) {
+      const reply = await getFile({ root: site.root }, "/a.txt", { method });
+      assert.equal(reply.status, 405, method);
+      assert.equal(reply.headers.get("allow"), "GET, HEAD");
+    }
+  },
+);
+
+Deno.test(
+  "serveFiles() answers HEAD with GET's fields and no body",
+  FILES,
+  async () => {
+    await using site = await fixture({
+      "site/a.txt": "hello",
+      "site/big.txt": BIG,
+    });
+    for (const path of ["/a.txt", "/big.txt"]) {
+      const full = await getFile({ root: site.root }, path);
+      const head = await getFile({ root: site.root }, path, { method: "HEAD" });
+      assert.equal(head.status, 200);
+      assert.ok(head.empty);
+      assert.equal(
+        head.headers.get("content-length"),
+        String(full.text.length),
+      );
+      const fields = [
+        "content-type",
+        "content-length",
+        "etag",
+        "last-modified",
+      ];
+      for (const name of fields) {
+        assert.equal(head.headers.get(name), full.headers.get(name), name);
+      }
+    }
+  },
+);
+
+// ---------------------------------------------------------------------------
+// Paths
+// ---------------------------------------------------------------------------
+
+Deno.test(
+  "serveFiles() decodes paths as UTF-8 and ignores queries",
+  FILES,
+  async () => {
+    await using site = await fixture({
+      "site/café.txt": "coffee",
+      "site/a b+c.txt": "spaced",
+      "site/%41.txt": "percent",
+    });
+    const options = { root: site.root };
+    assert.equal((await getFile(options, "/caf%C3%A9.txt")).text, "coffee");
+    assert.equal((await getFile(options, "/café.txt")).text, "coffee");
+    assert.equal(
+      (await getFile(options, "/a%20b+c.txt?x=1&y=%zz")).text,
+      "spaced",
+    );
+    assert.equal((await getFile(options, "/%2541.txt")).text, "percent");
+    assert.equal((await getFile(options, "/./sub/../café.txt")).text, "coffee");
+  },
+);
+
+Deno.test("serveFiles() answers malformed paths with 400", FILES, async () => {
+  await using site = await fixture({ "site/a.txt": "A" });
+  for (
+    const path of [
+      "/%zz",
+      "/a%2",
+      "/%e9.txt", // Latin-1, not UTF-8
+      "/%c3", // a truncated sequence
+      "/%c0%ae", // an overlong "."
+      "/%ed%a0%80", // a surrogate
+      "/a.txt%00",
+      "/a%2fb",
+      "/a%5cb",
+    ]
+  ) {
+    assert.equal((await getFile({ root: site.root }, path)).status, 400, path);
+  }
+});
+
+Deno.test("serveFiles() serves nothing outside the root", FILES, async (t) => {
+  await using site = await fixture({
+    "secret.txt": "SECRET",
+    "outside/secret.txt": "SECRET",
+    "site-evil/secret.txt": "SECRET",
+    "site/a.txt": "A",
+    "site/sub/b.txt": "B",
+  });
+  const options = { root: site.root, list: true, dotfiles: true };
+  const spellings = [
+    "/../secret.txt",
+    "/../../../../../../../../etc/passwd",
+    "/%2e%2e/secret.txt",
+    "/%2E%2E/secret.txt",
+    "/.%2e/secret.txt",
+    "/%2e./secret.txt",
+    "/sub/../../secret.txt",
+    "/sub/%2e%2e/%2e%2e/secret.txt",
+    "/..%2fsecret.txt",
+    "/..%2Fsecret.txt",
+    "/sub/..%2f..%2fsecret.txt",
+    "/..%5csecret.txt",
+    "/..%5Csecret.txt",
+    "/..\\secret.txt",
+    "/sub\\..\\..\\secret.txt",
+    "/%252e%252e/secret.txt",
+    "/%252e%252e%252fsecret.txt",
+    "/%25252e%25252e/secret.txt",
+    "/%c0%ae%c0%ae/secret.txt",
+    "/%c0%2e%c0%2e/secret.txt",
+    "/%e0%80%ae%e0%80%ae/secret.txt",
+    "/..%c0%afsecret.txt",
+    "/..%c1%9csecret.txt",
+    "/%f0%80%80%ae%f0%80%80%ae/secret.txt",
+    "/secret.txt%00",
+    "/%00/../secret.txt",
+    "/..%00/secret.txt",
+    "//../secret.txt",
+    "//secret.txt",
+    "///..//..//secret.txt",
+    `/${site.dir}/secret.txt`,
+    `${site.dir}/secret.txt`,
+    `/${encodeURIComponent(`${site.dir}/secret.txt`)}`,
+    "/%2f..%2fsecret.txt",
+    "/../site-evil/secret.txt",
+    "/../outside/secret.txt",
+    "/../outside/",
+    "http://localhost/../secret.txt",
+    "http://evil.example/../secret.txt",
+    "https://localhost:8443/%2e%2e/secret.txt",
+  ];
+  for (const spelling of spellings) {
+    await t.step(spelling, async () => {
+      const reply = await getFile(options, spelling);
+      assert.ok(
+        NOT_FOUND_STATUSES.includes(reply.status),
+        String(reply.status),
+      );
+      assert.doesNotMatch(reply.text, /SECRET|root:/);
+    });
+  }
+});
+
+Deno.test(
+  "serveFiles() follows links only to inside the root",
+  FILES,
+  async () => {
+    await using site = await fixture({
+      "secret.txt": "SECRET",
+      "outside/secret.txt": "SECRET",
+      "site-evil/secret.txt": "SECRET",
+      "site/a.txt": "A",
+      "site/sub/b.txt": "B",
+      "site/in-link": { link: "a.txt" },
+      "site/chain": { link: "in-link" },
+      "site/dir-in": { link: "sub" },
+      "site/sub/up": { link: "../a.txt" },
+      "site/out-link": { link: "../secret.txt" },
+      "site/chain-out": { link: "out-link" },
+      "site/dir-out": { link: "../outside" },
+      "site/sibling": { link: "../site-evil/secret.txt" },
+      "site/loop": { link: "loop" },
+      "site/dangling": { link: "nowhere" },
+    });
+    await Deno.symlink(`${site.dir}/secret.txt`, `${site.root}/absolute-link`);
+    const options = { root: site.root, list: true };
+    assert.equal((await getFile(options, "/in-link")).text, "A");
+    assert.equal((await getFile(options, "/chain")).text, "A");
+    assert.equal((await getFile(options, "/dir-in/b.txt")).text, "B");
+    assert.equal((await getFile(options, "/sub/up")).text, "A");
+    for (
+      const path of [
+        "/out-link",
+        "/chain-out",
+        "/dir-out",
+        "/dir-out/",
+        "/dir-out/secret.txt",
+        "/sibling",
+        "/absolute-link",
+        "/loop",
+        "/dangling",
+      ]
+    ) {
+      const reply = await getFile(options, path);
+      assert.equal(reply.status, 404, path);
+      assert.doesNotMatch(reply.text, /SECRET/);
+    }
+    // A listing shows the links that can be followed, and no other.
+    const listing = (await getFile(options, "/")).text;
+    for (const name of ["in-link", "chain", "dir-in/"]) {
+      assert.match(listing, new RegExp(`href="${name}"`), name);
+    }
+    for (const name of ["out-link", "dir-out", "sibling", "absolute", "loop"]) {
+      assert.doesNotMatch(listing, new RegExp(name), name);
+    }
+  },
+);
+
+Deno.test(
+  "serveFiles() hides dotfiles except /.well-known/",
+  FILES,
+  async () => {
+    await using site = await fixture({
+      "site/.env": "ENV",
+      "site/.git/config": "GIT",
+      "site/sub/.hidden": "HIDDEN",
+      "site/.well-known/security.txt": "SECURITY",
+      "site/dot-link": { link: ".env" },
+      "site/visible.txt": "VISIBLE",
+    });
+    const hidden = [
+      "/.env",
+      "/%2eenv",
+      "/.git/config",
+      "/.git/",
+      "/.git",
+      "/sub/.hidden",
+      "/dot-link",
+    ];
+    for (const path of hidden) {
+      const reply = await getFile({ root: site.root }, path);
+      assert.equal(reply.status, 404, path);
+    }
+    const wellKnown = await getFile(
+      { root: site.root },
+      "/.well-known/security.txt",
+    );
+    assert.equal(wellKnown.text, "SECURITY");
+    const options = { root: site.root, dotfiles: true };
+    assert.equal((await getFile(options, "/.env")).text, "ENV");
+    assert.equal((await getFile(options, "/.git/config")).text, "GIT");
+    assert.equal((await getFile(options, "/sub/.hidden")).text, "HIDDEN");
+    assert.equal((await getFile(options, "/dot-link")).text, "ENV");
+  },
+);
+
+// ---------------------------------------------------------------------------
+// Directories
+// ---------------------------------------------------------------------------
+
+Deno.test(
+  "serveFiles() redirects /dir to /dir/ keeping the query",
+  FILES,
+  async () => {
+    await using site = await fixture({
+      "site/docs/index.html": "DOCS",
+      "site/café/index.html": "CAFE",
+    });
+    const options = { root: site.root };
+    const plain = await getFile(options, "/docs");
+    assert.equal(plain.status, 301);
+    assert.equal(plain.headers.get("location"), "/docs/");
+    const query = await getFile(options, "/docs?x=1&y=%20");
+    assert.equal(query.headers.get("location"), "/docs/?x=1&y=%20");
+    const encoded = await getFile(options, "/caf%C3%A9");
+    assert.equal(encoded.headers.get("location"), "/caf%C3%A9/");
+    // `//docs` must not become a redirect to another host.
+    const doubled = await getFile(options, "//docs");
+    assert.equal(doubled.headers.get("location"), "/docs/");
+  },
+);
+
+Deno.test(
+  "serveFiles() serves a directory's index.html or a 404",
+  FILES,
+  async () => {
+    await using site = await fixture({
+      "site/docs/index.html": "DOCS",
+      "site/empty/": null,
+      "site/a.txt": "A",
+    });
+    const options = { root: site.root };
+    assert.equal((await getFile(options, "/docs/")).text, "DOCS");
+    assert.equal((await getFile(options, "/docs/.")).text, "DOCS");
+    assert.equal((await getFile(options, "/empty/")).status, 404);
+    assert.equal((await getFile(options, "/a.txt/")).status, 404);
+  },
+);
+
+Deno.test("serveFiles() lists a directory with list", FILES, async () => {
+  await using site = await fixture({
+    "site/list/<b>x&.txt": "12345",
+    "site/list/b.txt": "B",
+    "site/list/é.txt": "E",
+    "site/list/a dir/": null,
+    "site/list/.hidden": "H",
+  });
+  const options = { root: site.root, list: true };
+  const reply = await getFile(options, "/list/");
+  assert.equal(reply.status, 200);
+  assert.equal(reply.headers.get("content-type"), "text/html; charset=utf-8");
+  const page = reply.text;
+  assert.ok(page.includes("&lt;b&gt;x&amp;.txt"));
+  assert.ok(!page.includes("<b>x"));
+  const hrefs = [...page.matchAll(/href="([^"]*)"/g)].map((match) => match[1]);
+  assert.deepEqual(hrefs, [
+    "../",
+    "a%20dir/",
+    "%3Cb%3Ex%26.txt",
+    "b.txt",
+    "%C3%A9.txt",
+  ]);
+  assert.match(
+    page,
+    /%3Cb%3Ex%26\.txt.*<td>5<\/td><td>2020-01-02 03:04:05 UTC/,
+  );
+  // Each link leads to its file.
+  assert.equal((await getFile(options, "/list/%3Cb%3Ex%26.txt")).text, "12345");
+  // Dotfiles are listed only when they are served.
+  const dotted = await getFile({ ...options, dotfiles: true }, "/list/");
+  assert.ok(dotted.text.includes('href=".hidden"'));
+  // The root has no parent.
+  assert.ok(!(await getFile(options, "/")).text.includes('href="../"'));
+  // Without list, a directory without index.html is a 404.
+  assert.equal((await getFile({ root: site.root }, "/list/")).status, 404);
+});
+
+// ---------------------------------------------------------------------------
+// Types
+// ---------------------------------------------------------------------------
+
+Deno.test(
+  "serveFiles() types files by extension, with nosniff",
+  FILES,
+  async () => {
+    const types: Record<string, string> = {
+      "x.html": "text/html; charset=utf-8",
+      "x.css": "text/css; charset=utf-8",
+      "x.js": "text/javascript; charset=utf-8",
+      "x.mjs": "text/javascript; charset=utf-8",
+      "x.json": "application/json; charset=utf-8",
+      "x.md": "text/markdown; charset=utf-8",
+      "x.svg": "image/svg+xml; charset=utf-8",
+      "x.png": "image/png",
+      "X.JPG": "image/jpeg",
+      "x.woff2": "font/woff2",
+      "x.wasm": "application/wasm",
+      "x.mp4": "video/mp4",
+      "x.gz": "application/gzip",
+      "x.unknown": "application/octet-stream",
+      "x.constructor": "application/octet-stream",
+      "Makefile": "application/octet-stream",
+    };
+    const tree: Tree = {};
+    for (const name of Object.keys(types)) tree[`site/${name}`] = name;
+    await using site = await fixture(tree);
+    for (const [name, type] of Object.entries(types)) {
+      const reply = await getFile({ root: site.root }, `/${name}`);
+      assert.equal(reply.headers.get("content-type"), type, name);
+      assert.equal(reply.headers.get("x-content-type-options"), "nosniff");
+    }
+  },
+);
+
+// ---------------------------------------------------------------------------
+// Validators and conditional requests (RFC 9110 §8.8, §13)
+// ---------------------------------------------------------------------------
+
+/** The status of a conditional GET of /a.txt. */
+async function conditional(
+  site: Fixture,
+  fields: Record<string, string>,
+  method = "GET",
+): Promise<number> {
+  const init = { method, headers: fields };
+  return (await getFile({ root: site.root }, "/a.txt", init)).status;
+}
+
+Deno.test(
+  "serveFiles() sends validators and honours If-None-Match",
+  FILES,
+  async () => {
+    await using site = await fixture({ "site/a.txt": "hello" });
+    const first = await getFile({ root: site.root }, "/a.txt");
+    const etag = first.headers.get("etag")!;
+    assert.match(etag, /^"[0-9a-f-]+"$/);
+    assert.equal(first.headers.get("last-modified"), LAST_MODIFIED);
+    const notModified = await getFile(
+      { root: site.root },
+      "/a.txt",
+      withHeaders({ "if-none-match": etag }),
+    );
+    assert.equal(notModified.status, 304);
+    assert.ok(notModified.empty);
+    assert.equal(notModified.headers.get("etag"), etag);
+    assert.equal(
+      await conditional(site, { "if-none-match": `W/${etag}` }),
+      304,
+    );
+    assert.equal(
+      await conditional(site, { "if-none-match": `"x", ${etag}, "y"` }),
+      304,
+    );
+    assert.equal(await conditional(site, { "if-none-match": "*" }), 304);
+    assert.equal(await conditional(site, { "if-none-match": '"x"' }), 200);
+    const head = { "if-none-match": etag };
+    assert.equal(await conditional(site, head, "HEAD"), 304);
+  },
+);
+
+Deno.test(
+  "serveFiles() honours If-Modified-Since without If-None-Match",
+  FILES,
+  async () => {
+    await using site = await fixture({ "site/a.txt": "hello" });
+    const since = (date: string) =>
+      conditional(site, { "if-modified-since": date });
+    assert.equal(await since(LAST_MODIFIED), 304);
+    assert.equal(await since("Fri, 03 Jan 2020 00:00:00 GMT"), 304);
+    assert.equal(await since("Thu, 02 Jan 2020 03:04:04 GMT"), 200);
+    // The obsolete forms (RFC 9110 §5.6.7).
+    assert.equal(await since("Thursday, 02-Jan-20 03:04:05 GMT"), 304);
+    assert.equal(await since("Thu Jan  2 03:04:05 2020"), 304);
+    // Invalid dates, and lists of dates, are ignored.
+    assert.equal(await since("yesterday"), 200);
+    assert.equal(await since("Thu, 31 Feb 2020 03:04:05 GMT"), 200);
+    assert.equal(await since(`${LAST_MODIFIED}, ${LAST_MODIFIED}`), 200);
+    // With If-None-Match, If-Modified-Since is not looked at.
+    assert.equal(
+      await conditional(site, {
+        "if-none-match": '"other"',
+        "if-modified-since": LAST_MODIFIED,
+      }),
+      200,
+    );
+  },
+);
+
+Deno.test(
+  "serveFiles() answers failed If-Match and If-Unmodified-Since with 412",
+  FILES,
+  async () => {
+    await using site = await fixture({ "site/a.txt": "hello" });
+    const etag = (await getFile({ root: site.root }, "/a.txt")).headers.get(
+      "etag",
+    )!;
+    assert.equal(await conditional(site, { "if-match": '"other"' }), 412);
+    assert.equal(await conditional(site, { "if-match": `W/${etag}` }), 412);
+    assert.equal(await conditional(site, { "if-match": etag }), 200);
+    assert.equal(await conditional(site, { "if-match": `"x", ${etag}` }), 200);
+    assert.equal(await conditional(site, { "if-match": "*" }), 200);
+    const before = "Wed, 01 Jan 2020 00:00:00 GMT";
+    assert.equal(
+      await conditional(site, { "if-unmodified-since": before }),
+      412,
+    );
+    const at = { "if-unmodified-since": LAST_MODIFIED };
+    assert.equal(await conditional(site, at), 200);
+    // If-Match decides alone when present (RFC 9110 §13.2.2 step 2).
+    const both = { "if-match": etag, "if-unmodified-since": before };
+    assert.equal(await conditional(site, both), 200);
+    // 412 comes before 304 (step 1 before step 3).
+    const order = { "if-match": '"other"', "if-none-match": etag };
+    assert.equal(await conditional(site, order), 412);
+  },
+);
+
+// ---------------------------------------------------------------------------
+// Ranges (RFC 9110 §14)
+// ---------------------------------------------------------------------------
+
+/** GETs /digits.txt ("0123456789") with a Range field and more. */
+function ranged(
+  site: Fixture,
+  range: string,
+  fields: Record<string, string> = {},
+): Promise<FileReply> {
+  const headers = { range, ...fields };
+  return getFile({ root: site.root }, "/digits.txt", { headers });
+}
+
+Deno.test(
+  "serveFiles() answers one range with 206 and Content-Range",
+  FILES,
+  async () => {
+    await using site = await fixture({ "site/digits.txt": "0123456789" });
+    const full = await getFile({ root: site.root }, "/digits.txt");
+    assert.equal(full.headers.get("accept-ranges"), "bytes");
+    const cases: [string, string, string][] = [
+      ["bytes=0-4", "01234", "bytes 0-4/10"],
+      ["bytes=5-", "56789", "bytes 5-9/10"],
+      ["bytes=-3", "789", "bytes 7-9/10"],
+      ["bytes=8-100", "89", "bytes 8-9/10"],
+      ["bytes=-100", "0123456789", "bytes 0-9/10"],
+      ["BYTES=0-0", "0", "bytes 0-0/10"],
+      ["bytes= 3-3 ", "3", "bytes 3-3/10"],
+      ["bytes=20-30, 2-2", "2", "bytes 2-2/10"],
+    ];
+    for (const [range, text, contentRange] of cases) {
+      const reply = await ranged(site, range);
+      assert.equal(reply.status, 206, range);
+      assert.equal(reply.text, text, range);
+      assert.equal(reply.headers.get("content-range"), contentRange, range);
+      assert.equal(
+        reply.headers.get("content-type"),
+        "text/plain; charset=utf-8",
+      );
+    }
+  },
+);
+
+Deno.test(
+  "serveFiles() answers unsatisfiable ranges with 416",
+  FILES,
+  async () => {
+    await using site = await fixture({
+      "site/digits.txt": "0123456789",
+      "site/empty.txt": "",
+    });
+    for (
+      const range of ["bytes=10-", "bytes=100-200", "bytes=-0", "bytes=10-,20-"]
+    ) {
+      const reply = await ranged(site, range);
+      assert.equal(reply.status, 416, range);
+      assert.equal(reply.headers.get("content-range"), "bytes */10", range);
+    }
+    const empty = await getFile({ root: site.root }, "/empty.txt", {
+      headers: { range: "bytes=0-" },
+    });
+    assert.equal(empty.status, 416);
+    assert.equal(empty.headers.get("content-range"), "bytes */0");
+  },
+);
+
+Deno.test(
+  "serveFiles() ignores malformed or abusive Range fields",
+  FILES,
+  async () => {
+    await using site = await fixture({ "site/digits.txt": "0123456789" });
+    for (
+      const range of [
+        "bytes=abc",
+        "items=0-1",
+        "bytes=5-1",
+        "bytes=",
+        "bytes=--1",
+        "bytes=1-2-3",
+        "bytes 0-1",
+        "bytes=0-1,x",
+        "bytes=+1-2",
+        "bytes=0-9,0-9", // more bytes than the file (RFC 9110 §14.3)
+        Array.from({ length: 40 }, (_, at) => `${at % 10}-${at % 10}`).join(",")
+          .replace(/^/, "bytes="),
+      ]
+    ) {
+      const reply = await ranged(site, range);
+      assert.equal(reply.status, 200, range);
+      assert.equal(reply.text, "0123456789", range);
+    }
+    // HEAD does not take ranges (RFC 9110 §14.2).
+    const head = await getFile({ root: site.root }, "/digits.txt", {
+      method: "HEAD",
+      headers: { range: "bytes=0-1" },
+    });
+    assert.equal(head.status, 200);
+    assert.equal(head.headers.get("content-length"), "10");
+  },
+);
+
+/** One part of a multipart/byteranges body. */
+interface Part {
+  type: string | null;
+  range: string | null;
+  data: string;
+}
+
+/** Splits a multipart/byteranges body (RFC 2046 §5.1, RFC 9110 §14.6). */
+function parseMultipart(reply: FileReply): Part[] {
+  const type = reply.headers.get("content-type") ?? "";
+  const boundary = /^multipart\/byteranges; boundary=(\S+)$/.exec(type)?.[1];
+  assert.ok(boundary, type);
+  assert.ok(reply.text.endsWith(`\r\n--${boundary}--\r\n`));
+  const sections = reply.text.split(`--${boundary}`);
+  assert.equal(sections.shift()?.trim(), "");
+  assert.equal(sections.pop(), "--\r\n");
+  return sections.map((section) => {
+    assert.ok(section.startsWith("\r\n") && section.endsWith("\r\n"));
+    const inner = section.slice(2, -2);
+    const split = inner.indexOf("\r\n\r\n");
+    const fields = new Headers(
+      inner.slice(0, split).split("\r\n").map((line) => {
+        const colon = line.indexOf(":");
+        return [line.slice(0, colon), line.slice(colon + 1).trim()];
+      }),
+    );
+    return {
+      type: fields.get("content-type"),
+      range: fields.get("content-range"),
+      data: inner.slice(split + 4),
+    };
+  });
+}
+
+Deno.test(
+  "serveFiles() sends several ranges as multipart/byteranges",
+  FILES,
+  async () => {
+    await using site = await fixture({
+      "site/digits.txt": "0123456789",
+      "site/big.txt": BIG,
+    });
+    const reply = await ranged(site, "bytes=0-1, 4-5,-2");
+    assert.equal(reply.status, 206);
+    const text = "text/plain; charset=utf-8";
+    assert.deepEqual(parseMultipart(reply), [
+      { type: text, range: "bytes 0-1/10", data: "01" },
+      { type: text, range: "bytes 4-5/10", data: "45" },
+      { type: text, range: "bytes 8-9/10", data: "89" },
+    ]);
+    // A big file is streamed from disk, range by range.
+    const size = BIG.length;
+    const big = await getFile({ root: site.root }, "/big.txt", {
+      headers: { range: "bytes=100000-100031,16-31,-16" },
+    });
+    assert.equal(big.status, 206);
+    assert.deepEqual(parseMultipart(big), [
+      {
+        type: text,
+        range: `bytes 100000-100031/${size}`,
+        data: BIG.slice(100000, 100032),
+      },
+      { type: text, range: `bytes 16-31/${size}`, data: BIG.slice(16, 32) },
+      {
+        type: text,
+        range: `bytes ${size - 16}-${size - 1}/${size}`,
+        data: BIG.slice(-16),
+      },
+    ]);
+  },
+);
+
+Deno.test(
+  "serveFiles() lets If-Range decide between 206 and 200",
+  FILES,
+  async () => {
+    await using site = await fixture({ "site/digits.txt": "0123456789" });
+    const etag = (await ranged(site, "bytes=0-0")).headers.get("etag")!;
+    const status = async (ifRange: string) =>
+      (await ranged(site, "bytes=0-0", { "if-range": ifRange })).status;
+    assert.equal(await status(etag), 206);
+    assert.equal(await status('"other"'), 200);
+    assert.equal(await status(`W/${etag}`), 200); // strong comparison only
+    assert.equal(await status(LAST_MODIFIED), 206);
+    assert.equal(await status("Fri, 03 Jan 2020 00:00:00 GMT"), 200);
+    assert.equal(await status("not a date"), 200);
+  },
+);
+
+// ---------------------------------------------------------------------------
+// Precompressed variants
+// ---------------------------------------------------------------------------
+
+Deno.test(
+  "serveFiles() sends precompressed variants to clients that accept them",
+  FILES,
+  async () => {
+    await using site = await fixture({
+      "site/app.js": "PLAIN",
+      "site/app.js.br": "BROTLI",
+      "site/app.js.gz": "GZIP",
+      "site/only.css": "PLAIN",
+      "site/only.css.gz": "GZIP",
+      "site/none.js": "PLAIN",
+    });
+    const options = { root: site.root };
+    const fetchWith = (path: string, encodings: string | null) =>
+      getFile(
+        options,
+        path,
+        withHeaders(encodings === null ? {} : { "accept-encoding": encodings }),
+      );
+    const cases: [string, string | null, string, string | null][] = [
+      ["/app.js", "gzip, deflate, br", "BROTLI", "br"],
+      ["/app.js", "gzip", "GZIP", "gzip"],
+      ["/app.js", "x-gzip", "GZIP", "gzip"],
+      ["/app.js", "br;q=0, gzip", "GZIP", "gzip"],
+      ["/app.js", "br;q=0.000, gzip;q=0", "PLAIN", null],
+      ["/app.js", "*", "BROTLI", "br"],
+      ["/app.js", "*, br;q=0", "GZIP", "gzip"],
+      ["/app.js", "identity", "PLAIN", null],
+      ["/app.js", null, "PLAIN", null],
+      ["/only.css", "br", "PLAIN", null],
+      ["/only.css", "br, gzip", "GZIP", "gzip"],
+    ];
+    const etags = new Set<string>();
+    for (const [path, encodings, text, coding] of cases) {
+      const reply = await fetchWith(path, encodings);
+      const label = `${path} ${encodings}`;
+      assert.equal(reply.status, 200, label);
+      assert.equal(reply.text, text, label);
+      assert.equal(reply.headers.get("content-encoding"), coding, label);
+      assert.equal(reply.headers.get("vary"), "Accept-Encoding", label);
+      assert.match(reply.headers.get("content-type")!, /^text\//, label);
+      if (path === "/app.js") etags.add(reply.headers.get("etag")!);
+    }
+    assert.equal(etags.size, 3, "each variant has its own ETag");
+    const none = await fetchWith("/none.js", "br, gzip");
+    assert.equal(none.headers.get("vary"), null);
+    assert.equal(none.headers.get("content-encoding"), null);
+    // The variant's own validator and bytes.
+    const br = await fetchWith("/app.js", "br");
+    const revalidated = await getFile(options, "/app.js", {
+      headers: {
+        "accept-encoding": "br",
+        "if-none-match": br.headers.get("etag")!,
+      },
+    });
+    assert.equal(revalidated.status, 304);
+    assert.equal(revalidated.headers.get("vary"), "Accept-Encoding");
+    const part = await getFile(options, "/app.js", {
+      headers: { "accept-encoding": "gzip", range: "bytes=0-1" },
+    });
+    assert.equal(part.status, 206);
+    assert.equal(part.text, "GZ");
+    assert.equal(part.headers.get("content-range"), "bytes 0-1/4");
+    // Asked for by name, a .gz file is just a file.
+    const direct = await fetchWith("/app.js.gz", "gzip");
+    assert.equal(direct.headers.get("content-type"), "application/gzip");
+    assert.equal(direct.headers.get("content-encoding"), null);
+  },
+);
+
+// ---------------------------------------------------------------------------
+// Changes, big files, and descriptors
+// ---------------------------------------------------------------------------
+
+Deno.test(
+  "serveFiles() serves a changed file fresh with a new ETag",
+  FILES,
+  async () => {
+    await using site = await fixture({
+      "site/a.txt": "version 1",
+      "site/gone.txt": "soon gone",
+    });
+    const options = { root: site.root };
+    const first = await getFile(options, "/a.txt");
+    assert.equal(first.text, "version 1");
+    assert.equal((await getFile(options, "/gone.txt")).status, 200);
+    assert.equal((await getFile(options, "/new.txt")).status, 404);
+    // A file changed, one removed, one added: each is seen once the cache's
+    // trust in what it saw (at most a second) has run out.
+    await Deno.writeTextFile(`${site.root}/a.txt`, "version 2, longer");
+    await Deno.remove(`${site.root}/gone.txt`);
+    await Deno.writeTextFile(`${site.root}/new.txt`, "new");
+    await delay(1100);
+    const second = await getFile(options, "/a.txt");
+    assert.equal(second.text, "version 2, longer");
+    assert.notEqual(second.headers.get("etag"), first.headers.get("etag"));
+    const stale = withHeaders({ "if-none-match": first.headers.get("etag")! });
+    assert.equal((await getFile(options, "/a.txt", stale)).status, 200);
+    assert.equal((await getFile(options, "/gone.txt")).status, 404);
+    assert.equal((await getFile(options, "/new.txt")).text, "new");
+  },
+);
+
+Deno.test(
+  "serveFiles() streams a big file in bounded chunks",
+  FILES,
+  async () => {
+    await using site = await fixture({ "site/big.txt": BIG });
+    const response = await serveFiles(
+      new Request("http://localhost/big.txt"),
+      { root: site.root },
+    );
+    assert.equal(response.status, 200);
+    const chunks: Uint8Array[] = [];
+    for await (const chunk of response.body!) chunks.push(chunk);
+    assert.ok(chunks.length > 1);
+    assert.ok(chunks.every((chunk) => chunk.length <= 64 * 1024));
+    assert.equal(decoder.decode(concat(chunks)), BIG);
+  },
+);
+
+Deno.test(
+  "serveFiles() releases the file of 200 aborted downloads",
+  FILES,
+  async () => {
+    await using site = await fixture({ "site/big.txt": BIG });
+    const options = { root: site.root };
+    await getFile(options, "/big.txt"); // warm up: lazily opened descriptors
+    const before = openDescriptors();
+    using files = trackOpenFiles();
+    for (let download = 0; download < 200; download++) {
+      const request = new Request("http://localhost/big.txt");
+      const response = await serveFiles(request, options);
+      const reader = response.body!.getReader();
+      const first = await reader.read();
+      assert.equal(first.value?.length, 64 * 1024);
+      await reader.cancel();
+    }
+    await settleFiles(files, before);
+    assert.equal(files.count, 0);
+    assert.equal(openDescriptors(), before);
+  },
+);
+
+Deno.test("serveFiles() closes big files it does not send", FILES, async () => {
+  await using site = await fixture({ "site/big.txt": BIG });
+  const options = { root: site.root };
+  const etag = (await getFile(options, "/big.txt")).headers.get("etag")!;
+  const before = openDescriptors();
+  using files = trackOpenFiles();
+  const cases: [RequestInit, number][] = [
+    [{ method: "HEAD" }, 200],
+    [withHeaders({ "if-none-match": etag }), 304],
+    [withHeaders({ "if-match": '"other"' }), 412],
+    [withHeaders({ range: `bytes=${BIG.length}-` }), 416],
+  ];
+  for (let round = 0; round < 20; round++) {
+    for (const [init, status] of cases) {
+      assert.equal((await getFile(options, "/big.txt", init)).status, status);
+    }
+  }
+  assert.equal(files.count, 0);
+  assert.equal(openDescriptors(), before);
+});
+
+Deno.test(
+  "serveFiles() ends only the response of a file that shrinks",
+  FILES,
+  async () => {
+    await using site = await fixture({ "site/big.txt": BIG });
+    const options = { root: site.root };
+    using files = trackOpenFiles();
+    const response = await serveFiles(
+      new Request("http://localhost/big.txt"),
+      options,
+    );
+    const reader = response.body!.getReader();
+    await reader.read();
+    await Deno.truncate(`${site.root}/big.txt`, 100_000);
+    await assert.rejects(async () => {
+      while (!(await reader.read()).done) {
+        // Read until the stream fails.
+      }
+    }, /shrank/);
+    assert.equal(files.count, 0);
+    // The next request is served, from the file as it is now.
+    const after = await getFile(options, "/big.txt");
+    assert.equal(after.status, 200);
+    assert.equal(after.text, BIG.slice(0, 100_000));
+  },
+);
+
+Deno.test(
+  "serveFiles() rejects when the root is not a directory",
+  FILES,
+  async () => {
+    await using site = await fixture({ "site/a.txt": "A" });
+    for (const root of [`${site.root}/a.txt`, `${site.dir}/missing`]) {
+      await assert.rejects(
+        serveFiles(new Request("http://localhost/"), { root }),
+        /not a readable directory/,
+      );
+    }
+  },
+);
+
+// ---------------------------------------------------------------------------
+// Files behind the real server: raw targets, the access log, descriptors
+// ---------------------------------------------------------------------------
+
+/** What the file beside the root holds: no request may ever get it. */
+const SECRET_TEXT = "TOP SECRET, beside the root";
+
+/** A line of `/etc/passwd`: the first file every traversal attempt wants. */
+const PASSWD_LINE = /root:[^:\n]*:0:0:/;
+
+/**
+ * Sends `GET target` as is, with `Connection: close`, and returns the
+ * status and every byte the server sent until it closed (as Latin-1 text),
+ * so that nothing it sends — head, body, or anything after — escapes a check.
+ */
+async function getRaw(
+  server: Server,
+  target: string,
+): Promise<{ status: number; raw: string }> {
+  const client = await Client.open(server);
+  try {
+    await client.send(
+      `GET ${target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n`,
+    );
+    const bytes = await within(client.untilClosed(), `a reply to ${target}`);
+    const raw = String.fromCharCode(...bytes);
+    const status = /^HTTP\/1\.1 (\d{3}) /.exec(raw);
+    assert.ok(status, `a status line for ${target}: ${raw.slice(0, 80)}`);
+    return { status: Number(status[1]), raw };
+  } finally {
+    client.close();
+  }
+}
+
+Deno.test(
+  "serve() with serveFiles() sends nothing from outside the root, however the target is spelled",
+  FILES,
+  async () => {
+    await using site = await fixture({
+      "secret": SECRET_TEXT,
+      "outside/secret": SECRET_TEXT,
+      // A sibling whose name begins with the root's: a prefix is not a parent.
+      "site-evil/secret": SECRET_TEXT,
+      "site/inside.txt": "INSIDE",
+      "site/sub/b.txt": "B",
+      "site/in-link": { link: "inside.txt" },
+      "site/sub/up-link": { link: "../inside.txt" },
+      "site/out-link": { link: "../secret" },
+      "site/out-dir": { link: "../outside" },
+      "site/evil-link": { link: "../site-evil/secret" },
+    });
+    await Deno.symlink(`${site.dir}/secret`, `${site.root}/absolute-link`);
+    // Request targets as they go on the wire: the server's parser and URL
+    // handling come before serveFiles() sees anything.
+    const targets = [
+      "/../secret",
+      "/../../../../../../../../etc/passwd",
+      "/sub/../../secret",
+      "/..%2fsecret",
+      "/..%2Fsecret",
+      "/%2e%2e/secret",
+      "/%2E%2E/secret",
+      "/.%2e/secret",
+      "/%2e%2e%2fsecret",
+      "/sub/..%2f..%2fsecret",
+      "/%252e%252e/secret", // double encoding
+      "/%252e%252e%252fsecret",
+      "/..%5csecret",
+      "/..%5Csecret",
+      "/%c0%ae%c0%ae/secret", // overlong UTF-8 for "."
+      "/%c0%ae%c0%ae%c0%afsecret", // ... and for "/"
+      "/%e0%80%ae%e0%80%ae/secret",
+      "/..%c1%9csecret", // an overlong "\"
+      "/a%00b",
+      "/secret%00",
+      "/%00/../secret",
+      "//secret",
+      "//../secret",
+      "//etc/passwd",
+      "///etc/passwd",
+      `/${site.dir}/secret`,
+      `/${encodeURIComponent(`${site.dir}/secret`)}`,
+      "\\..\\secret",
+      "/..\\secret",
+      "/sub\\..\\..\\secret",
+      "http://x/../secret", // absolute-form (RFC 9112 §3.2.2)
+      "http://x/%2e%2e/secret",
+      "http://x/..%2fsecret",
+      "http://x//etc/passwd",
+      "/../site-evil/secret",
+      "/out-link",
+      "/out-dir",
+      "/out-dir/",
+      "/out-dir/secret",
+      "/absolute-link",
+      "/evil-link",
+    ];
+    // The defaults, and the most permissive options.
+    for (
+      const options of [
+        { root: site.root },
+        { root: site.root, list: true, dotfiles: true },
+      ]
+    ) {
+      await withFiles(options, async (server) => {
+        // What is inside is served, links within the root included: a
+        // server that served nothing would pass the rest.
+        for (const target of ["/inside.txt", "/in-link", "/sub/up-link"]) {
+          const { status, raw } = await getRaw(server, target);
+          assert.equal(status, 200, target);
+          assert.ok(raw.endsWith("\r\n\r\nINSIDE"), target);
+        }
+        for (const target of targets) {
+          const { status, raw } = await getRaw(server, target);
+          const what = `${target} (${JSON.stringify(options)}): ${status}`;
+          assert.ok([301, 400, 404].includes(status), what);
+          assert.ok(!raw.includes(SECRET_TEXT), `the secret was sent: ${what}`);
+          assert.doesNotMatch(
+            raw,
+            PASSWD_LINE,
+            `/etc/passwd was sent: ${what}`,
+          );
+          if (status === 301) {
+            // A redirect stays on this server, inside the root.
+            const location = /\r\nlocation: ([^\r]*)\r\n/i.exec(raw)?.[1] ?? "";
+            assert.match(location, /^\/[^/]/, what);
+          }
+        }
+      });
+    }
+  },
+);
+
+Deno.test(
+  "serve() with serveFiles() logs the status and the bytes sent of a file and of a range",
+  FILES,
+  async () => {
+    await using site = await fixture({
+      "site/small.txt": "hello, file",
+      "site/big.txt": BIG,
+      "site/huge.bin": new Uint8Array(32 * MIB),
+    });
+    const batches: string[] = [];
+    // Request line, extra fields, status, and the body bytes the client
+    // receives (-1: whatever that is, filled in as it arrives).
+    const exchanges: [string, string, number, number][] = [
+      ["GET /small.txt", "", 200, 11],
+      ["GET /big.txt", "", 200, BIG.length],
+      ["GET /big.txt", "Range: bytes=100-1099\r\n", 206, 1000],
+      ["GET /big.txt", "Range: bytes=100000-299999\r\n", 206, 200_000],
+      ["GET /big.txt", "Range: bytes=0-9,-10\r\n", 206, -1], // multipart
+      ["GET /big.txt", `If-Modified-Since: ${LAST_MODIFIED}\r\n`, 304, 0],
+      ["HEAD /big.txt", "", 200, 0],
+      ["GET /nothing", "", 404, -1],
+    ];
+    const accessLog = (lines: string) => batches.push(lines);
+    await withFiles({ root: site.root, accessLog }, async (server) => {
+      const client = await Client.open(server);
+      try {
+        for (const exchange of exchanges) {
+          const [line, fields, status] = exchange;
+          await client.send(`${line} HTTP/1.1\r\nHost: x\r\n${fields}\r\n`);
+          const reply = await within(
+            client.response({ head: line.startsWith("HEAD") }),
+            line,
+          );
+          assert.equal(reply?.status, status, `${line} ${fields}`);
+          if (exchange[3] < 0) exchange[3] = reply.body.length;
+          assert.equal(reply.body.length, exchange[3], `${line} ${fields}`);
+        }
+      } finally {
+        client.close();
+      }
+      // A download cut short: what went out before the cut, not the size.
+      const cut = await Client.open(server);
+      try {
+        await cut.send("GET /huge.bin HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert.equal((await within(cut.head(), "huge.bin"))?.status, 200);
+      } finally {
+        cut.close();
+      }
+    });
+    const logged = logLines(batches).map(parseLogLine);
+    assert.equal(logged.length, exchanges.length + 1, logLines(batches).join());
+    for (const [at, [line, fields, status, bytes]] of exchanges.entries()) {
+      assert.equal(logged[at].request, `${line} HTTP/1.1`);
+      assert.equal(logged[at].status, status, `${line} ${fields}`);
+      assert.equal(logged[at].bytes, bytes, `${line} ${fields}: bytes logged`);
+    }
+    const last = logged[exchanges.length];
+    assert.equal(last.request, "GET /huge.bin HTTP/1.1");
+    assert.equal(last.status, 200);
+    assert.ok(last.bytes < 32 * MIB, `${last.bytes} bytes logged for a cut`);
+  },
+);
+
+Deno.test(
+  "serve() with serveFiles() closes the file of each of 200 aborted downloads",
+  FILES,
+  async () => {
+    await using site = await fixture({
+      "site/big.bin": new Uint8Array(8 * MIB),
+    });
+    const request = "GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n";
+    await withFiles({ root: site.root }, async (server) => {
+      // Warm up: descriptors the runtime opens lazily are opened now.
+      assert.equal((await getRaw(server, "/nothing")).status, 404);
+      const before = openDescriptors();
+      using files = trackOpenFiles();
+      let headsRead = 0;
+      // 10 batches of 20 clients at once, each gone at one of three moments:
+      // right after asking, after the head, after the first body bytes.
+      for (let batch = 0; batch < 10; batch++) {
+        const downloads = Array.from({ length: 20 }, async (_, at) => {
+          const client = await Client.open(server);
+          try {
+            await client.send(request);
+            if (at % 3 === 0) return;
+            assert.equal((await client.head())?.status, 200);
+            headsRead++;
+            if (at % 3 === 2) await client.conn.read(new Uint8Array(4096));
+          } finally {
+            client.close();
+          }
+        });
+        await within(
+          Promise.all(downloads),
+          `aborted downloads, batch ${batch}`,
+        );
+      }
+      await settleFiles(files, before);
+      assert.ok(files.opened >= headsRead, `${files.opened} files opened`);
+      assert.equal(files.count, 0, `${files.count} of ${files.opened} open`);
+      assert.equal(openDescriptors(), before);
+      // And the server is still serving that file.
+      const reply = await ask(
+        server,
+        "GET /big.bin HTTP/1.1\r\nHost: x\r\nRange: bytes=-4\r\n\r\n",
+      );
+      assert.equal(reply?.status, 206);
+      assert.equal(reply.body.length, 4);
+    });
+  },
+);
 
 // ---------------------------------------------------------------------------
 // Fuzzing: mutated requests never crash, desynchronise or 500 the server

@@ -1,7 +1,9 @@
 /**
  * Reliability checks that need the server as a real process: the real
  * SIGTERM/SIGINT, the connection cap counted from `/proc`, memory held by
- * 5,000 slow clients, and the one-line error for a port in use.
+ * 5,000 slow clients, the one-line error for a port in use, and with
+ * `--root`, the descriptors after 200 aborted downloads and the memory held
+ * for a slow reader of a big file.
  * `.ci/reliability.sh` runs this file (after `ulimit -n 20000`, which the
  * 5,000-connection test needs) and then slowhttptest:
  *
@@ -127,15 +129,17 @@ class Server {
 
   /**
    * Starts `main.ts` with `flags` and waits for its `Listening on` line.
-   * `fdLimit` raises the server's open-files limit first (`ulimit -n`).
+   * `fdLimit` raises the server's open-files limit first (`ulimit -n`);
+   * `allowRead` grants it read access to that path (for `--root`).
    */
   static async start(
     flags: string[],
-    { fdLimit }: { fdLimit?: number } = {},
+    { fdLimit, allowRead }: { fdLimit?: number; allowRead?: string } = {},
   ): Promise<Server> {
     const args = [
       "run",
       "--allow-net",
+      ...(allowRead ? [`--allow-read=${allowRead}`] : []),
       "main.ts",
       "--port",
       "0",
@@ -218,6 +222,11 @@ class Server {
     return Number(await bash(SOCKETS, String(this.pid)));
   }
 
+  /** How many descriptors of any kind the process has open. */
+  async descriptors(): Promise<number> {
+    return Number(await bash(DESCRIPTORS, String(this.pid)));
+  }
+
   /** Its open sockets, each as `fd=socket:[inode]`. */
   async socketSet(): Promise<Set<string>> {
     const text = await bash(SOCKET_SET, String(this.pid));
@@ -227,6 +236,8 @@ class Server {
 
 /** Counts the socket fds of process `$1`. */
 const SOCKETS = 'find "/proc/$1/fd" -lname "socket:*" 2>/dev/null | wc -l';
+/** Counts the fds of process `$1`: files, sockets, pipes and the rest. */
+const DESCRIPTORS = 'ls "/proc/$1/fd" 2>/dev/null | wc -l';
 /** Lists the socket fds of process `$1` as `fd=socket:[inode]`, one line. */
 const SOCKET_SET =
   'echo $(find "/proc/$1/fd" -lname "socket:*" -printf "%f=%l " 2>/dev/null)';
@@ -860,4 +871,186 @@ Deno.test("a port in use: one line naming the address, exit 1", async () => {
     new RegExp(`^error: cannot listen on ${HOST}:${port}: .*in use`, "i"),
   );
   console.log(`port in use: exit ${code}, ${JSON.stringify(lines[0])}`);
+});
+
+// ---------------------------------------------------------------------------
+// 7. --root: a download cut short releases its file, a slow reader holds no
+//    more than a chunk or two of it in memory
+// ---------------------------------------------------------------------------
+
+/**
+ * Makes a temporary directory holding ASCII files (name → size; ASCII, so
+ * that the client's text body has the file's length), runs `test` with its
+ * path, and removes it. Through bash, like the `/proc` reads: this file is
+ * granted no file access of its own.
+ */
+async function withRootDir(
+  files: Record<string, number>,
+  test: (dir: string) => Promise<void>,
+): Promise<void> {
+  const dir = (await bash('mktemp -d "${TMPDIR:-/tmp}/reliability_XXXXXX"'))
+    .trim();
+  try {
+    for (const [name, size] of Object.entries(files)) {
+      await bash(
+        'yes "hello, file" | head -c "$2" >"$1/$3"',
+        dir,
+        String(size),
+        name,
+      );
+    }
+    await test(dir);
+  } finally {
+    await bash('rm -rf -- "$1"', dir);
+  }
+}
+
+/**
+ * Asks for `path` and goes away: at once (`"asked"`), once the response head
+ * has arrived (`"head"`), or after the first few KiB of the body (`"body"`).
+ */
+async function abortedDownload(
+  port: number,
+  path: string,
+  when: "asked" | "head" | "body",
+): Promise<void> {
+  const conn = await Deno.connect({ hostname: HOST, port });
+  try {
+    await conn.write(encoder.encode(`GET ${path} HTTP/1.1\r\nHost: x\r\n\r\n`));
+    if (when === "asked") return;
+    const buffer = new Uint8Array(4096);
+    let text = "";
+    while (!text.includes("\r\n\r\n")) {
+      const count = await conn.read(buffer);
+      assert.ok(count !== null, `the server closed before a head: ${text}`);
+      text += decoder.decode(buffer.subarray(0, count));
+    }
+    assert.match(text, /^HTTP\/1\.1 200 /);
+    if (when === "body") await conn.read(buffer);
+  } finally {
+    conn.close();
+  }
+}
+
+Deno.test("--root: 200 aborted downloads leave the descriptors where they were", async () => {
+  const DOWNLOADS = 200;
+  const BATCH = 20;
+  await withRootDir({ "big.bin": 8 * MIB }, async (dir) => {
+    const server = await Server.start(["--root", dir], { allowRead: dir });
+    try {
+      // Warm up: one whole download and one cut short, so that what the
+      // runtime opens once (and keeps) is open before the count.
+      const client = await Client.open(server.port);
+      try {
+        await client.send("GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n");
+        const whole = await within(client.response(), 10_000, "big.bin");
+        assert.equal(whole?.status, 200);
+        assert.equal(whole.body.length, 8 * MIB);
+      } finally {
+        client.close();
+      }
+      await abortedDownload(server.port, "/big.bin", "body");
+      await delay(300);
+      const before = await server.descriptors();
+
+      const ways = ["asked", "head", "body"] as const;
+      for (let done = 0; done < DOWNLOADS; done += BATCH) {
+        const batch = Array.from({ length: BATCH }, (_, at) => ways[at % 3]);
+        await within(
+          Promise.all(
+            batch.map((when) => abortedDownload(server.port, "/big.bin", when)),
+          ),
+          30_000,
+          `aborted downloads ${done}..${done + BATCH}`,
+        );
+      }
+      const justAfter = await server.descriptors();
+      // The server learns a client is gone at its next write; give it up to
+      // 10 s to close every socket and file.
+      const settling = performance.now();
+      let after = justAfter;
+      for (let i = 0; i < 100 && after > before + 2; i++) {
+        await delay(100);
+        after = await server.descriptors();
+      }
+      const settled = performance.now() - settling;
+      console.log(
+        `aborted downloads: ${DOWNLOADS} cuts of an 8 MiB file; server fds ` +
+          `${before} before, ${justAfter} just after, ${after} after ` +
+          `${seconds(settled)}`,
+      );
+      assert.ok(
+        after <= before + 2,
+        `the server holds ${after} descriptors, ${before} before the downloads`,
+      );
+    } finally {
+      await server.stop();
+    }
+  });
+});
+
+Deno.test("--root: a slow reader of a 64 MiB file does not grow the server's memory", async () => {
+  const HUGE = 64 * MIB;
+  // What a stalled download may cost: a chunk or two read ahead, and the
+  // chunks already handed to the kernel (whose send buffer took about 4 MiB
+  // here) that the garbage collector has not reclaimed yet — some 4.5 MiB in
+  // all. Reading ahead without backpressure would cost the whole file.
+  const LIMIT = 8 * MIB;
+  await withRootDir({ "big.bin": 8 * MIB, "huge.bin": HUGE }, async (dir) => {
+    const server = await Server.start(["--root", dir], { allowRead: dir });
+    const clients: Client[] = [];
+    let slow: Deno.TcpConn | undefined;
+    try {
+      // Warm up with a whole streamed download, so that the baseline is a
+      // server that has streamed a file before.
+      const warm = await Client.open(server.port);
+      clients.push(warm);
+      await warm.send("GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n");
+      const whole = await within(warm.response(), 10_000, "big.bin");
+      assert.equal(whole?.body.length, 8 * MIB);
+      await delay(500);
+      const before = (await server.memory()).rss;
+
+      // Reads the head and a few KiB, then nothing for 3 s.
+      slow = await Deno.connect({ hostname: HOST, port: server.port });
+      await slow.write(
+        encoder.encode("GET /huge.bin HTTP/1.1\r\nHost: x\r\n\r\n"),
+      );
+      const buffer = new Uint8Array(4096);
+      let received = 0;
+      while (received < 8192) {
+        const count = await within(slow.read(buffer), 10_000, "huge.bin");
+        assert.ok(count !== null, "the server closed the slow reader");
+        received += count;
+      }
+      let rss = 0;
+      for (let i = 0; i < 12; i++) {
+        await delay(250);
+        rss = Math.max(rss, (await server.memory()).rss);
+      }
+      // Still serving others while the slow reader holds its download.
+      const probe = await Client.open(server.port);
+      clients.push(probe);
+      await probe.send(
+        "GET /big.bin HTTP/1.1\r\nHost: x\r\nRange: bytes=0-3\r\n\r\n",
+      );
+      const part = await within(probe.response(), 5_000, "a range meanwhile");
+      assert.equal(part?.status, 206);
+
+      const grown = rss - before;
+      console.log(
+        `slow reader: server RSS ${(before / MIB).toFixed(1)} MiB before, ` +
+          `at most ${(rss / MIB).toFixed(1)} MiB while a reader of a ` +
+          `${HUGE / MIB} MiB file stalled 3 s after ${received} bytes ` +
+          `(+${(grown / MIB).toFixed(1)} MiB); a range request meanwhile: 206`,
+      );
+      assert.ok(
+        grown < LIMIT,
+        `RSS grew ${(grown / MIB).toFixed(1)} MiB for one slow reader`,
+      );
+    } finally {
+      slow?.close();
+      await cleanup(clients, [], server);
+    }
+  });
 });

@@ -2405,7 +2405,11 @@ async function pipe(
   connection.responding = true;
   try {
     while (true) {
-      await flush(server, connection);
+      await flush(server, connection).catch((error) => {
+        // The client went away: its business, not an error of ours.
+        connection.hangUp();
+        throw error;
+      });
       connection.state = BUSY;
       connection.deadline = Infinity;
       const { done, value } = await reader.read();

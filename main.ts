@@ -8,29 +8,42 @@
  * a delay, `POST /echo` with the request body, and anything else with a 404
  * page. Requests are parsed from bytes (RFC 9112), connections are kept alive
  * and pipelined, slow or hostile clients are cut by timeouts and limits, and a
- * shutdown finishes every response it owes.
+ * shutdown finishes every response it owes. The same core carries a user's
+ * application (`serve(handler)`, `Deno.serve`'s API, or `--app`), a folder of
+ * files (`--root`), and HTTPS (`--cert`, `--key`).
  *
  * Run it (the only permission it needs is the network):
  *
  * ```sh
  * deno run --allow-net main.ts --port 7878
+ * deno run --allow-net --allow-read main.ts --app ./app.ts
+ * deno run --allow-net --allow-read=./public main.ts --root ./public
  * ```
  *
  * Flags (`--help` lists them with their defaults): `--hostname H`,
- * `--port N` (0 for any free port), `--quiet` (no access log),
- * `--header-timeout S`, `--idle-timeout S`, `--body-timeout S`,
- * `--shutdown-timeout S`, `--max-connections N`, `--max-body BYTES`,
- * `--sleep-delay S`, `--workers N|auto` (needs `--allow-read` and
- * `--unstable-net`), `--version`. SIGINT or SIGTERM shuts down gracefully.
+ * `--port N` (0 for any free port), `--quiet` (no access log), `--app M`,
+ * `--root DIR`, `--list`, `--dotfiles`, `--cert F`, `--key F`,
+ * `--redirect-http PORT`, `--header-timeout S`, `--idle-timeout S`,
+ * `--body-timeout S`, `--shutdown-timeout S`, `--max-connections N`,
+ * `--max-body BYTES`, `--sleep-delay S`, `--workers N|auto` (needs
+ * `--allow-read` and `--unstable-net`), `--version`. SIGINT or SIGTERM shuts
+ * down gracefully.
  *
- * Or use it from code:
+ * Or use it from code, as `Deno.serve`:
  *
  * ```ts
  * import { serve } from "./main.ts";
- * const server = serve({ port: 0, accessLog: false });
+ * const server = serve({ port: 0, accessLog: false }, (request) => {
+ *   return new Response(`Hello from ${new URL(request.url).pathname}\n`);
+ * });
  * console.log(server.addr.port);
  * await server.shutdown();
  * ```
+ *
+ * The sections, in order: the pages; options and limits; `serve()`;
+ * `handleConnection()`; `parseRequest()`; request bodies; `route()`; the
+ * handler; writing responses; files; the access log; the command line;
+ * the workers.
  *
  * @module
  */

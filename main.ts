@@ -2002,8 +2002,14 @@ async function respond(
   }
   connection.state = BUSY;
   connection.deadline = Infinity;
-  if (!hasBody) watch(server, connection);
-  const response = await run(server, connection, request, exchange);
+  const called = call(server, connection, request, exchange);
+  let response: Response | null;
+  if (called instanceof Response) {
+    response = called;
+  } else {
+    if (!hasBody) watch(server, connection);
+    response = await called;
+  }
   if (response === null || connection.state === LINGER) {
     exchange.finish(new Error("the connection closed before the response"));
     await response?.body?.cancel().catch(() => {});
@@ -2153,25 +2159,44 @@ const REQUEST_SLOTS = (() => {
 
 /**
  * Calls the handler; a failure becomes the `onError` response.
- * @returns The response, or null when the connection closed meanwhile.
+ * @returns The response, a promise of it, or of null when the connection
+ * closed meanwhile.
  */
-async function run(
+function call(
   server: ServerState,
   connection: Connection,
   request: Request,
   exchange: Exchange,
-): Promise<Response | null> {
+): Response | Promise<Response | null> {
   let response: unknown;
   try {
     response = server.handler!(request, exchange);
+  } catch (error) {
+    return recover(server, error);
+  }
+  // A handler that answers at once is answered at once: no trip through
+  // the microtask queue.
+  return response instanceof Response
+    ? response
+    : awaitResponse(server, connection, response);
+}
+
+/**
+ * Waits for the response a handler promised, while watching for the client
+ * to hang up; a handler that never answers is cut loose when the connection
+ * closes (the shutdown timeout), so that the server can finish.
+ */
+async function awaitResponse(
+  server: ServerState,
+  connection: Connection,
+  promised: unknown,
+): Promise<Response | null> {
+  let response: unknown;
+  try {
+    response = await Promise.race([promised, connection.whenClosed()]);
+    if (connection.closed) return null;
     if (!(response instanceof Response)) {
-      // A handler that never answers is cut loose when the connection
-      // closes (the shutdown timeout), so that the server can finish.
-      response = await Promise.race([response, connection.whenClosed()]);
-      if (connection.closed) return null;
-      if (!(response instanceof Response)) {
-        throw new TypeError("the handler returned no Response");
-      }
+      throw new TypeError("the handler returned no Response");
     }
     return response;
   } catch (error) {
@@ -2292,7 +2317,7 @@ function joinBytes(head: string, body: Uint8Array): Uint8Array {
  * Content-Length, a stream chunked to HTTP/1.1 or until the close to 1.0.
  * @returns Whether the connection stays open, or null when it is gone.
  */
-async function send(
+function send(
   server: ServerState,
   connection: Connection,
   response: Response,
@@ -2300,7 +2325,7 @@ async function send(
   keepAlive: boolean,
   line: string,
   began: number,
-): Promise<boolean | null> {
+): boolean | null | Promise<boolean | null> {
   const { minor, method } = connection.request;
   const { status } = response;
   // RFC 9110 §6.4.1: no content after HEAD, 204 or 304 (§8.6: and no
@@ -2341,7 +2366,7 @@ async function send(
     ? content.length
     : exchange.length;
   if (headOnly && content instanceof ReadableStream) {
-    await content.cancel().catch(() => {});
+    content.cancel().catch(() => {});
     content = EMPTY;
   }
   if (noContent) {
@@ -2363,26 +2388,57 @@ async function send(
     : KEEP_ALIVE;
   head += connectionFields(server, persistence) + "\r\n";
   connection.refused = false;
-  if (!(content instanceof ReadableStream)) {
-    const body = headOnly || content === null ? EMPTY : content;
-    queue(connection, joinBytes(head, body));
-    exchange.sent = body.length;
-  } else {
+  if (content instanceof ReadableStream) {
     queue(connection, joinBytes(head, EMPTY));
-    try {
-      const chunked = exchange.length < 0 && minor >= 1;
-      await pipe(server, connection, content, exchange, chunked);
-    } catch (error) {
-      if (!connection.signal.aborted) {
-        console.error(`error: the response body failed: ${firstLine(error)}`);
-      }
-      server.log?.write(connection, line, status, exchange.sent, began);
-      exchange.finish(error);
-      connection.close();
-      return null;
-    }
+    const chunked = exchange.length < 0 && minor >= 1;
+    return sendStream(server, connection, content, exchange, chunked, keepAlive)
+      .finally(() =>
+        server.log?.write(connection, line, status, exchange.sent, began)
+      );
   }
+  const body = headOnly || content === null ? EMPTY : content;
+  queue(connection, joinBytes(head, body));
+  exchange.sent = body.length;
   server.log?.write(connection, line, status, exchange.sent, began);
+  if (exchange.watched) {
+    return settleCompleted(server, connection, exchange, keepAlive);
+  }
+  exchange.finish();
+  return keepAlive;
+}
+
+/** A response stream, then the connection's fate: see pipe(). */
+async function sendStream(
+  server: ServerState,
+  connection: Connection,
+  content: ReadableStream<Uint8Array>,
+  exchange: Exchange,
+  chunked: boolean,
+  keepAlive: boolean,
+): Promise<boolean | null> {
+  try {
+    await pipe(server, connection, content, exchange, chunked);
+  } catch (error) {
+    if (!connection.signal.aborted) {
+      console.error(`error: the response body failed: ${firstLine(error)}`);
+    }
+    exchange.finish(error);
+    connection.close();
+    return null;
+  }
+  return settleCompleted(server, connection, exchange, keepAlive);
+}
+
+/**
+ * Someone waits on `info.completed`: the response is written out now, so
+ * that it settles as soon as the client has it all, or could not.
+ */
+async function settleCompleted(
+  server: ServerState,
+  connection: Connection,
+  exchange: Exchange,
+  keepAlive: boolean,
+): Promise<boolean> {
   if (exchange.watched) {
     try {
       await flush(server, connection);

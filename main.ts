@@ -2337,8 +2337,8 @@ function send(
   }\r\n`;
   let dated = false;
   let declared = "";
-  for (const [name, value] of response.headers) {
-    switch (name) {
+  for (const [name, value] of fieldsOf(response)) {
+    switch (name.toLowerCase()) {
       case "connection":
         if (/(^|,)[ \t]*close[ \t]*(,|$)/i.test(value)) keepAlive = false;
         continue;
@@ -2522,10 +2522,25 @@ const BODY_SLOTS = (() => {
 })();
 
 interface InnerResponse {
+  headerList?: [string, string][];
   body: {
     streamOrStatic?: unknown;
     length?: number | null;
   } | null;
+}
+
+/**
+ * A response's fields as name and value pairs, in the order given. Where
+ * Deno keeps them as a list, the list itself, once `headers` has made sure
+ * it holds them all (a content type can wait there until asked for):
+ * iterating `Headers` sorts and combines them anew for every response.
+ */
+function fieldsOf(response: Response): [string, string][] {
+  const headers = response.headers;
+  const inner = BODY_SLOTS.inner &&
+    (response as unknown as Record<symbol, InnerResponse>)[BODY_SLOTS.inner];
+  const list = inner?.headerList;
+  return Array.isArray(list) ? list : [...headers];
 }
 
 /**

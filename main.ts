@@ -200,6 +200,8 @@ const MAX_SPARE_BUFFERS = 256;
 const EMPTY = new Uint8Array(0);
 /** The most a connection buffers while reading a body. */
 const BODY_BUFFER = 64 * 1024;
+/** The largest batch buffer a connection keeps for its next batch. */
+const MAX_KEPT_BATCH = 16 * 1024;
 /** Responses queued past this many bytes are written before more requests are parsed. */
 const MAX_BATCH = 64 * 1024;
 /** The longest chunk-size line, extensions included (RFC 9112 §7.1.1 leaves it open). */
@@ -532,8 +534,9 @@ class Connection {
   responding = false;
   /** The last request's target, host and fields, as text: see recall(). */
   readonly texts: string[] = [];
-  /** Responses parsed from one read, written together. */
+  /** Responses parsed from one read, written together, and where. */
   pending: Uint8Array[] = [];
+  batch: Uint8Array | null = null;
   pendingBytes = 0;
   readonly request = new RequestHead();
   closed = false;
@@ -785,13 +788,24 @@ function queue(connection: Connection, bytes: Uint8Array): void {
   connection.pendingBytes += bytes.length;
 }
 
-/** Writes every queued response in one write; stalls are cut by the ticker. */
+/**
+ * Writes every queued response in one write; stalls are cut by the ticker.
+ * A batch is gathered in the connection's own buffer, kept for its next
+ * batch: a pipelining client would otherwise cost a new one every time.
+ */
 async function flush(server: ServerState, connection: Connection) {
-  const { pending } = connection;
+  const { pending, pendingBytes } = connection;
   if (pending.length === 0) return;
   let bytes = pending[0];
   if (pending.length > 1) {
-    bytes = new Uint8Array(connection.pendingBytes);
+    if (pendingBytes > MAX_KEPT_BATCH) {
+      bytes = new Uint8Array(pendingBytes);
+    } else {
+      if ((connection.batch?.length ?? 0) < pendingBytes) {
+        connection.batch = new Uint8Array(pendingBytes);
+      }
+      bytes = connection.batch!.subarray(0, pendingBytes);
+    }
     let offset = 0;
     for (const part of pending) {
       bytes.set(part, offset);

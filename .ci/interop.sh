@@ -21,69 +21,13 @@
 # and the whole run takes about a minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/interop.XXXXXX")
-export NO_COLOR=1 # plain TAP and logs from deno
+# shellcheck source-path=SCRIPTDIR/..
+source .ci/lib.sh
+setup interop logs
 
 # ---------------------------------------------------------------------------
-# Processes: everything started in the background is recorded here, and the
-# trap stops it however the script ends.
+# Servers (launch, stop_server, free_port: lib.sh)
 # ---------------------------------------------------------------------------
-
-PIDS=()
-declare -A PID PORT
-
-cleanup() {
-  local pid _
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  # SIGTERM is a graceful shutdown: give it a few seconds before SIGKILL.
-  for _ in $(seq 50); do
-    local alive=0
-    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    [ "$alive" = 0 ] && break
-    sleep 0.1
-  done
-  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-  if [ "${KEEP_WORK:-}" = 1 ]; then
-    echo "logs kept in $WORK" >&2
-  else
-    rm -rf "$WORK"
-  fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# launch NAME COMMAND...: starts a server that listens on a free port and
-# waits for its first line, "Listening on http://127.0.0.1:PORT/", to learn
-# the port. Sets PID[NAME] and PORT[NAME]; stdout (the access log) goes to
-# $WORK/NAME.out and stderr to $WORK/NAME.err. `timeout` is the backstop if
-# this script is killed outright; it passes our SIGTERM on to deno and exits
-# with deno's status, so PID[NAME] can be signalled and waited for as if it
-# were the server itself. A server that does not start is a failure, shown
-# with its stderr, and launch returns 1.
-launch() {
-  local name=$1 line="" _
-  shift
-  # Made here, not by the background job, so the first look finds them.
-  : >"$WORK/$name.out"
-  : >"$WORK/$name.err"
-  timeout -k 5 300 "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
-  PID[$name]=$!
-  PIDS+=("$!")
-  for _ in $(seq 150); do # up to 15 s
-    line=$(head -n 1 "$WORK/$name.out")
-    [ -n "$line" ] && break
-    kill -0 "${PID[$name]}" 2>/dev/null || break
-    sleep 0.1
-  done
-  if [[ $line =~ ^Listening\ on\ http://127\.0\.0\.1:([0-9]+)/$ ]]; then
-    PORT[$name]=${BASH_REMATCH[1]}
-  else
-    fail "server '$name' started (first line: '$line')"
-    head -n 20 "$WORK/$name.err" | sed "s/^/        /"
-    return 1
-  fi
-}
 
 # start_server NAME [FLAGS...]: main.ts with the book's routes; the checks
 # cannot go on without it.
@@ -103,135 +47,9 @@ start_app() {
     --port 0 --app "$app" "$@"
 }
 
-# stop_server NAME: SIGTERM, then its exit status (124 if it hung for 20 s).
-stop_server() {
-  local pid=${PID[$1]} rc=0 _
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 200); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -0 "$pid" 2>/dev/null && return 124
-  wait "$pid" || rc=$?
-  return "$rc"
-}
-
-free_port() {
-  deno eval 'const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    console.log(l.addr.port); l.close();'
-}
-
 # ---------------------------------------------------------------------------
-# Reporting
+# Assertions for the checks (the general ones: lib.sh)
 # ---------------------------------------------------------------------------
-
-PASSED=0
-FAILED=0
-pass() {
-  PASSED=$((PASSED + 1))
-  echo "  ok    $*"
-}
-fail() {
-  FAILED=$((FAILED + 1))
-  echo "  FAIL  $*"
-}
-section() { printf '\n== %s\n' "$*"; }
-
-# check NAME COMMAND...: one check. COMMAND runs in a subshell with errexit
-# on, so its first failing command fails the check; its output is shown only
-# then. (errexit is ignored inside `if`, `||` and `&&`, even in a subshell,
-# hence the set +e dance instead of `if ( ... )`.)
-check() {
-  local name=$1 rc
-  shift
-  : >"$WORK/check.notes"
-  set +e
-  (
-    set -e
-    "$@"
-  ) >"$WORK/check.out" 2>&1
-  rc=$?
-  set -e
-  if [ "$rc" = 0 ]; then
-    pass "$name"
-  else
-    fail "$name"
-    tail -n 30 "$WORK/check.out" | cut -c 1-300 | sed "s/^/        /"
-  fi
-  sed "s/^/        /" "$WORK/check.notes"
-}
-
-# note TEXT: a line shown under the check whether it passes or fails.
-note() { echo "$*" >>"$WORK/check.notes"; }
-
-# have TOOL PACKAGE: is TOOL installed? In CI a missing tool is a failure
-# (the tools are part of the contract); elsewhere a visible skip.
-have() {
-  command -v "$1" >/dev/null 2>&1 && return 0
-  if [ "${CI:-}" = true ]; then
-    fail "$1 not installed (apt-get install -y $2)"
-  else
-    echo "SKIP: $1 not installed (apt-get install -y $2)"
-  fi
-  return 1
-}
-
-# tap_results RC FILE: one pass or fail per top-level TAP test line of a
-# test runner's output (deno test and node --test both speak TAP), with the
-# runner's diagnostics under a failure. A runner that failed or ran nothing
-# without a failing test to show for it is one more failure.
-tap_results() {
-  local rc=$1 file=$2 line name seen=0 bad=0 show=0
-  while IFS= read -r line; do
-    if [[ $line =~ ^(not\ )?ok\ [0-9]+\ -\ (.*)$ ]]; then
-      name=${BASH_REMATCH[2]}
-      show=0
-      if [[ $name == *"# SKIP"* ]]; then
-        echo "SKIP: ${name%% # SKIP*}"
-      elif [ -n "${BASH_REMATCH[1]}" ]; then
-        fail "$name"
-        bad=1
-        show=1
-      else
-        pass "$name"
-      fi
-      seen=1
-    elif [ "$show" = 1 ] && [[ $line == " "* ]]; then
-      echo "$line" | cut -c 1-300 | sed 's/^/      /'
-    fi
-  done <"$file"
-  if [ "$seen" = 0 ] || { [ "$rc" != 0 ] && [ "$bad" = 0 ]; }; then
-    fail "test runner exited $rc"
-    tail -n 20 "$file" | sed 's/^/        /'
-  fi
-}
-
-# ---------------------------------------------------------------------------
-# Assertions for the checks
-# ---------------------------------------------------------------------------
-
-expect() { # expect ACTUAL WANTED WHAT
-  [ "$1" = "$2" ] || {
-    echo "$3: got '$1', wanted '$2'"
-    return 1
-  }
-}
-
-contains() { # contains FILE TEXT
-  grep -qF -- "$2" "$1" || {
-    echo "$(basename "$1") lacks '$2'; it begins:"
-    head -c 600 "$1"
-    echo
-    return 1
-  }
-}
-
-same_bytes() { # same_bytes SENT RECEIVED
-  cmp "$1" "$2" || {
-    echo "sent $(wc -c <"$1") bytes, got back $(wc -c <"$2")"
-    return 1
-  }
-}
 
 # ab_clean LOG N: all N requests completed, none failed, all 2xx (ab prints
 # "Non-2xx responses" only when there are some).
@@ -252,11 +70,7 @@ count_hits() { grep -c '"GET / HTTP/1.1" 200 ' "$1" || true; }
 # The server under test, and test data
 # ---------------------------------------------------------------------------
 
-if ! command -v deno >/dev/null 2>&1; then
-  fail "deno not installed (npm install -g deno@2.9.6)"
-  echo "interop: $PASSED passed, $FAILED failed"
-  exit 1
-fi
+need_deno
 
 section "server"
 # A short /sleep so that the clients can test it without slowing the run.
@@ -273,19 +87,13 @@ head -c 1153434 /dev/urandom >"$WORK/huge.bin"  # 1.1 MiB, over it
 # alongside the book's routes. First, the modules --app must refuse.
 # ---------------------------------------------------------------------------
 
-# app_refused MODULE TEXT [DENO FLAGS...]: main.ts will not serve MODULE: it
-# exits 2 with one line on stderr that names the problem (the line contains
-# TEXT), and listens on nothing. No stdin: deno must not prompt.
+# app_refused MODULE TEXT [DENO FLAGS...]: main.ts, run with DENO FLAGS, will
+# not serve MODULE: one line on stderr that contains TEXT, exit 2, nothing
+# listening (refuses_to_start).
 app_refused() {
-  local app=$1 text=$2 rc=0
+  local app=$1 text=$2
   shift 2
-  timeout 30 deno run "$@" main.ts --port 0 --app "$app" </dev/null \
-    >"$WORK/refused.out" 2>"$WORK/refused.err" || rc=$?
-  note "stderr: $(head -c 300 "$WORK/refused.err")"
-  expect "$rc" 2 "exit status"
-  expect "$(grep -c '' "$WORK/refused.err")" 1 "lines on stderr"
-  contains "$WORK/refused.err" "$text"
-  expect "$(grep -c Listening "$WORK/refused.out")" 0 "'Listening' lines"
+  refuses_to_start "$text" deno run "$@" main.ts --port 0 --app "$app"
 }
 
 section "apps"
@@ -764,15 +572,7 @@ fi
 # A real browser: headless Chromium renders the page
 # ---------------------------------------------------------------------------
 
-# Background networking, sync, component updates and QUIC off: the browser
-# talks to our server and to nothing else. Each run gets a fresh profile.
-chromium_run() {
-  timeout 60 chromium --headless --no-sandbox --disable-gpu --disable-quic \
-    --disable-background-networking --disable-component-update \
-    --disable-sync --no-first-run \
-    --user-data-dir="$(mktemp -d "$WORK/chromium.XXXXXX")" "$@"
-}
-
+# chromium_run (lib.sh) talks to our server and to nothing else.
 chromium_dom() {
   chromium_run --dump-dom "$BASE/" >"$WORK/dom.html" 2>"$WORK/chromium.log"
   contains "$WORK/dom.html" '<h1>Hello!</h1>'
@@ -846,25 +646,8 @@ nginx_start() {
       return 1
     }
   done
-  # As root, nginx's workers would run as nobody, who cannot enter our 0700
-  # temp dir to write proxy temp files.
-  local globals="daemon off;"
-  [ "$(id -u)" = 0 ] && globals="$globals user root;"
-  timeout -k 5 300 nginx -p "$NGX" -c "$NGX/nginx.conf" -e stderr \
-    -g "$globals" >"$NGX/stderr.log" 2>&1 &
-  PID[nginx]=$!
-  PIDS+=("$!")
   NGINX="http://127.0.0.1:$NGINX_PORT/"
-  local _ code
-  for _ in $(seq 100); do # up to 10 s
-    code=$(curl -s --max-time 2 -o /dev/null -w "%{http_code}" "$NGINX" || true)
-    [ "$code" = 200 ] && return 0
-    kill -0 "${PID[nginx]}" 2>/dev/null || break
-    sleep 0.1
-  done
-  fail "nginx started and proxied GET / (port $NGINX_PORT)"
-  cat "$NGX/stderr.log" "$NGX/error.log" 2>/dev/null | tail -n 20
-  return 1
+  start_nginx "$NGX" "$NGINX" "GET / (port $NGINX_PORT)"
 }
 
 nginx_load() {
@@ -962,11 +745,6 @@ fi
 MAIN_RC=0
 stop_server main || MAIN_RC=$?
 
-main_shutdown() {
-  expect "$MAIN_RC" 0 "exit status"
-  expect "$(tail -n 1 "$WORK/main.out")" "Shutting down." "last line"
-}
-
 # The application servers that started, the same way.
 APPS=()
 declare -A APP_RC
@@ -980,8 +758,7 @@ done
 apps_shutdown() {
   local name
   for name in "${APPS[@]}"; do
-    expect "${APP_RC[$name]}" 0 "$name's exit status"
-    expect "$(tail -n 1 "$WORK/$name.out")" "Shutting down." "$name's last line"
+    exited_cleanly "$name" "${APP_RC[$name]}"
   done
 }
 
@@ -998,7 +775,8 @@ quiet_stderr() {
 }
 
 section "shutdown"
-check "SIGTERM: the server says 'Shutting down.' and exits 0" main_shutdown
+check "SIGTERM: the server says 'Shutting down.' and exits 0" \
+  exited_cleanly main "$MAIN_RC"
 if [ "${#APPS[@]}" -gt 0 ]; then
   check "SIGTERM: the app servers say 'Shutting down.' and exit 0" \
     apps_shutdown
@@ -1006,5 +784,4 @@ fi
 check "no server wrote to stderr" quiet_stderr
 
 echo
-echo "interop: $PASSED passed, $FAILED failed"
-[ "$FAILED" = 0 ]
+summary

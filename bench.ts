@@ -17,6 +17,12 @@
  *   plaintext in the three modes, JSON and a 4 KiB POST echo in keep-alive,
  *   and a streamed 64 MiB response, timed in MB/s.
  * - `memory`: the memory each server spends per idle keep-alive connection.
+ * - `https`: ours with `--cert` and `--key` (the book's routes) against the
+ *   anchor's `Deno.serve` with the same certificate, a throwaway one made
+ *   with `openssl` at the start: keep-alive, pipelined, `Connection: close`
+ *   (wrk, which resumes the TLS session on each new connection) and a full
+ *   handshake per request (ab, which never resumes one); and the memory
+ *   each spends per idle TLS connection.
  *
  * `wrk` drives the servers in turn (A B C, A B C, ...) for several rounds;
  * the median requests per second, p99 latency and the server process's CPU
@@ -25,22 +31,25 @@
  * floor, paired within each round. With `--workers N` it also runs ours with
  * N workers against `deno serve --parallel`. The results are markdown tables
  * on stdout, followed by PASS/FAIL lines for the targets; progress goes to
- * stderr. With the defaults a run takes about 11 minutes on a 2-core machine.
+ * stderr. With the defaults a run takes about 15 minutes on a 2-core machine.
  *
- * Needs `wrk` (`apt-get install -y wrk`); `taskset` (util-linux) pins the
- * load generator to CPU 0 and the servers to the other CPUs.
+ * Needs `wrk` (`apt-get install -y wrk`), and for `https` also `openssl` and
+ * `ab` (apache2-utils); `taskset` (util-linux) pins the load generator to
+ * CPU 0 and the servers to the other CPUs.
  *
  * ```sh
  * deno task bench
  * deno task bench --rounds 1 --duration 2 --only book,floor
+ * deno task bench --only https
  * deno task bench --workers 2 --strict
  * ```
  *
  * Flags: `--rounds N` (5), `--duration S` per run (5), `--connections N`
  * (50), `--idle-connections N` (2000), `--only SECTION,...` (all of book,
- * floor, handler, memory), `--workers N` (off), `--strict` (exit 1 when a
- * target fails). Internal: `--serve anchor|floor|deno-handler|ours-handler`
- * runs one server, `--download PORT` times downloads of `/stream`.
+ * floor, handler, memory, https), `--workers N` (off), `--strict` (exit 1
+ * when a target fails). Internal: `--serve anchor|floor|deno-handler|
+ * ours-handler` runs one server (the anchor over TLS with `--cert FILE
+ * --key FILE`), `--download PORT` times downloads of `/stream`.
  *
  * @module
  */
@@ -53,8 +62,8 @@ const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
 /** The line every server prints once it listens; the bench reads the port. */
-function announce(addr: Deno.NetAddr): void {
-  console.log(`Listening on http://${addr.hostname}:${addr.port}/`);
+function announce(addr: Deno.NetAddr, scheme = "http"): void {
+  console.log(`Listening on ${scheme}://${addr.hostname}:${addr.port}/`);
 }
 
 // ---------------------------------------------------------------------------
@@ -101,11 +110,28 @@ export function anchorHandler(request: Request): Response | Promise<Response> {
   }
 }
 
-function serveAnchor(): void {
-  Deno.serve(
-    { hostname: "127.0.0.1", port: 0, onListen: announce },
-    anchorHandler,
-  );
+/** The PEM files of the `https` section's certificate, for a server role. */
+interface CertificateFiles {
+  cert: string;
+  key: string;
+}
+
+/** The anchor; with `files`, over TLS with that certificate. */
+function serveAnchor(files?: CertificateFiles): void {
+  if (!files) {
+    Deno.serve(
+      { hostname: "127.0.0.1", port: 0, onListen: announce },
+      anchorHandler,
+    );
+    return;
+  }
+  Deno.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    cert: Deno.readTextFileSync(files.cert),
+    key: Deno.readTextFileSync(files.key),
+    onListen: (addr) => announce(addr, "https"),
+  }, anchorHandler);
 }
 
 /** The `node:http` twin of the anchor, written to a file and run by node. */
@@ -350,7 +376,7 @@ async function serveFloor(): Promise<void> {
 // Options
 // ---------------------------------------------------------------------------
 
-const SECTIONS = ["book", "floor", "handler", "memory"] as const;
+const SECTIONS = ["book", "floor", "handler", "memory", "https"] as const;
 type Section = typeof SECTIONS[number];
 
 interface Options {
@@ -368,6 +394,8 @@ interface Options {
 interface Internal {
   serve?: string;
   download?: number;
+  /** With `--cert FILE --key FILE`, the anchor serves HTTPS. */
+  files?: CertificateFiles;
 }
 
 const USAGE =
@@ -415,6 +443,8 @@ function parseOptions(args: string[]): Options & Internal {
       strict: { type: "boolean", default: false },
       serve: { type: "string" },
       download: { type: "string" },
+      cert: { type: "string" },
+      key: { type: "string" },
       help: { type: "boolean", default: false },
     },
   });
@@ -438,6 +468,9 @@ function parseOptions(args: string[]): Options & Internal {
     download: values.download === undefined
       ? undefined
       : positiveInt("download", values.download, 0),
+    files: values.cert !== undefined && values.key !== undefined
+      ? { cert: values.cert, key: values.key }
+      : undefined,
   };
 }
 
@@ -448,6 +481,8 @@ function parseOptions(args: string[]): Options & Internal {
 const children = new Set<Deno.ChildProcess>();
 /** The directory of the helper files, removed at the end. */
 let tempDir: string | undefined;
+/** The `https` section's throwaway certificate: its text and its files. */
+let certificate: { pem: string; files: CertificateFiles } | undefined;
 
 function spawn(
   command: string[],
@@ -516,18 +551,21 @@ interface ServerSpec {
   name: string;
   command: string[];
   env?: Record<string, string>;
+  /** It serves HTTPS, with the `https` section's certificate. */
+  tls?: boolean;
 }
 
 interface Server {
   name: string;
   port: number;
+  tls: boolean;
   pid: number;
   child: Deno.ChildProcess;
   /** The last lines the server wrote to stderr, for error messages. */
   stderr(): string;
 }
 
-const LISTENING = /Listening on http:\/\/\S*:(\d+)\//;
+const LISTENING = /Listening on https?:\/\/\S*:(\d+)\//;
 const HERE = fileURLToPath(new URL(".", import.meta.url));
 
 /**
@@ -576,6 +614,7 @@ async function startServer(spec: ServerSpec, pin: string[]): Promise<Server> {
     return {
       name: spec.name,
       port,
+      tls: spec.tls ?? false,
       pid: child.pid,
       child,
       stderr: () => stderrTail,
@@ -642,8 +681,23 @@ async function readReply(conn: Deno.Conn): Promise<Reply> {
   return { status, head, body: data.subarray(headEnd, headEnd + length) };
 }
 
-async function openKeptAlive(port: number): Promise<Deno.TcpConn> {
-  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+/**
+ * A connection to a server on `port`; with `tls`, one that trusts the
+ * `https` section's certificate (made at the start, see makeCertificate).
+ */
+function connectTo(port: number, tls: boolean): Promise<Deno.Conn> {
+  if (!tls) return Deno.connect({ hostname: "127.0.0.1", port });
+  if (!certificate) throw new Error("no certificate was made");
+  return Deno.connectTls({
+    hostname: "127.0.0.1",
+    port,
+    caCerts: [certificate.pem],
+  });
+}
+
+/** A connection that has been answered one `GET /` (over TLS: handshaken). */
+async function openKeptAlive(port: number, tls = false): Promise<Deno.Conn> {
+  const conn = await connectTo(port, tls);
   try {
     await conn.write(GET);
     const { status } = await readReply(conn);
@@ -657,7 +711,7 @@ async function openKeptAlive(port: number): Promise<Deno.TcpConn> {
 
 /** Checks that a server answers `GET /` with exactly the hello page. */
 async function checkHello(server: Server): Promise<void> {
-  const conn = await openKeptAlive(server.port);
+  const conn = await openKeptAlive(server.port, server.tls);
   try {
     await conn.write(GET);
     const { body } = await readReply(conn);
@@ -764,11 +818,16 @@ const PIPELINE_DEPTH = 16;
 /** What the clients ask for, and how; a row of the report. */
 interface Workload {
   name: string;
-  /** How wrk sends the requests; "stream" times downloads instead. */
-  mode: Mode | "stream";
+  /**
+   * How wrk sends the requests; "stream" times downloads instead, and
+   * "handshake" has ab make a full TLS handshake for every request.
+   */
+  mode: Mode | "stream" | "handshake";
   path: string;
   /** A wrk script among the helper files, which sets method and body. */
   script?: string;
+  /** Over HTTPS, to the servers of the `https` section. */
+  tls?: boolean;
 }
 
 const BOOK: Workload[] = MODES.map((mode) => ({ name: mode, mode, path: "/" }));
@@ -791,6 +850,28 @@ const HANDLER: Workload[] = [
     script: "post.lua",
   },
   STREAM,
+];
+/**
+ * The `https` section's rows. wrk keeps the TLS session of a connection it
+ * closes and resumes it on the next (`SSL_clear`, then a TLS 1.3 PSK with
+ * a fresh key exchange, but no certificate and no signature): its
+ * `Connection: close` row is a resumed handshake per request. ab makes a
+ * new TLS session for every request (HTTP/1.0, no keep-alive), so the full
+ * handshake row is its.
+ */
+const HTTPS: Workload[] = [
+  ...MODES.map((mode) => ({
+    name: mode === "close" ? "https close (resumed)" : `https ${mode}`,
+    mode,
+    path: "/",
+    tls: true,
+  })),
+  {
+    name: "https full handshake",
+    mode: "handshake",
+    path: "/",
+    tls: true,
+  },
 ];
 
 // wrk.format() with no arguments takes the path from the URL.
@@ -898,6 +979,11 @@ async function outputOf(command: string[], seconds: number): Promise<string> {
   }
 }
 
+function urlOf(server: Server, workload: Workload): string {
+  const scheme = server.tls ? "https" : "http";
+  return `${scheme}://127.0.0.1:${server.port}${workload.path}`;
+}
+
 /** Runs wrk against `server`, timing the server's CPU meanwhile. */
 async function runWrk(
   server: Server,
@@ -914,11 +1000,67 @@ async function runWrk(
     `-d${load.duration}s`,
     "--latency",
     ...wrkArgs(workload, load),
-    `http://127.0.0.1:${server.port}${workload.path}`,
+    urlOf(server, workload),
   ], load.duration + 30);
   const seconds = (performance.now() - started) / 1000;
   const cpuSeconds = (await cpuTicks(server.pid) - ticks) / CLOCK_TICKS;
   const { rate, requests, p99, errors } = parseWrk(output);
+  return {
+    rate,
+    p99,
+    errors,
+    cpu: cpuSeconds / seconds,
+    cpuPerRequest: cpuSeconds * 1e6 / requests,
+  };
+}
+
+/**
+ * Parses ab's report: completed requests, the rate, p99 in ms (ab rounds it
+ * to whole ms) and the failures, counted as errors.
+ */
+function parseAb(output: string): WrkReport {
+  const requests = output.match(/^Complete requests:\s+(\d+)/m);
+  const rate = output.match(/^Requests per second:\s+([\d.]+)/m);
+  const failed = output.match(/^Failed requests:\s+(\d+)/m);
+  if (!requests || !rate || !failed) {
+    throw new Error(`unexpected ab output:\n${output}`);
+  }
+  const p99 = output.match(/^\s*99%\s+(\d+)/m);
+  const non2xx = output.match(/^Non-2xx responses:\s+(\d+)/m);
+  return {
+    rate: Number(rate[1]),
+    requests: Number(requests[1]),
+    p99: p99 ? Number(p99[1]) : NaN,
+    errors: Number(failed[1]) + Number(non2xx?.[1] ?? 0),
+  };
+}
+
+/**
+ * Runs ab against `server` for the run's duration: a new connection and a
+ * full TLS handshake for each request. `-r` counts a failed read as an
+ * error rather than ending the run.
+ */
+async function runAb(
+  server: Server,
+  workload: Workload,
+  load: Load,
+): Promise<Sample> {
+  const ticks = await cpuTicks(server.pid);
+  const started = performance.now();
+  const output = await outputOf([
+    ...load.pin,
+    "ab",
+    "-r",
+    "-q",
+    "-c",
+    String(load.connections),
+    "-t",
+    String(load.duration),
+    urlOf(server, workload),
+  ], load.duration + 30);
+  const seconds = (performance.now() - started) / 1000;
+  const cpuSeconds = (await cpuTicks(server.pid) - ticks) / CLOCK_TICKS;
+  const { rate, requests, p99, errors } = parseAb(output);
   return {
     rate,
     p99,
@@ -953,9 +1095,9 @@ function runWorkload(
   workload: Workload,
   load: Load,
 ): Promise<Sample> {
-  return workload.mode === "stream"
-    ? runDownloads(server, load)
-    : runWrk(server, workload, load);
+  if (workload.mode === "stream") return runDownloads(server, load);
+  if (workload.mode === "handshake") return runAb(server, workload, load);
+  return runWrk(server, workload, load);
 }
 
 // ---------------------------------------------------------------------------
@@ -1010,14 +1152,21 @@ async function established(port: number): Promise<number> {
   }).length;
 }
 
-/** Opens `count` connections, 100 at a time, each after one request. */
-async function openIdle(port: number, count: number): Promise<Deno.Conn[]> {
+/**
+ * Opens `count` connections, 100 at a time, each after one request (over
+ * TLS, so each has completed its handshake).
+ */
+async function openIdle(
+  port: number,
+  count: number,
+  tls: boolean,
+): Promise<Deno.Conn[]> {
   const conns: Deno.Conn[] = [];
   try {
     while (conns.length < count) {
       const batch = Math.min(100, count - conns.length);
       const opened = await Promise.allSettled(
-        Array.from({ length: batch }, () => openKeptAlive(port)),
+        Array.from({ length: batch }, () => openKeptAlive(port, tls)),
       );
       for (const result of opened) {
         if (result.status === "fulfilled") conns.push(result.value);
@@ -1038,10 +1187,13 @@ async function measureIdle(
   load: Load,
 ): Promise<Memory> {
   // Warm up (JIT, heap) with a short keep-alive run, then let it settle.
-  await runWrk(server, BOOK[0], { ...load, duration: 1 });
+  await runWrk(server, server.tls ? HTTPS[0] : BOOK[0], {
+    ...load,
+    duration: 1,
+  });
   await delay(1_000);
   const beforeKiB = await rssKiB(server.pid);
-  const conns = await openIdle(server.port, count);
+  const conns = await openIdle(server.port, count, server.tls);
   try {
     await delay(1_000);
     const afterKiB = await rssKiB(server.pid);
@@ -1089,10 +1241,18 @@ interface Environment {
   serverPin: string[];
 }
 
-async function describeEnvironment(): Promise<Environment> {
+async function describeEnvironment(options: Options): Promise<Environment> {
   const wrk = await probe(["wrk", "--version"]);
   if (wrk === null) {
     throw new Error("wrk is not installed: apt-get install -y wrk");
+  }
+  if (options.only.has("https")) {
+    if (await probe(["openssl", "version"]) === null) {
+      throw new Error("openssl is not installed: apt-get install -y openssl");
+    }
+    if (await probe(["ab", "-V"]) === null) {
+      throw new Error("ab is not installed: apt-get install -y apache2-utils");
+    }
   }
   const nproc = navigator.hardwareConcurrency;
   const taskset = nproc >= 2 && await probe(["taskset", "--version"]) !== null;
@@ -1119,6 +1279,8 @@ const NODE = "node:http";
 const FLOOR = "floor";
 const OURS_HANDLER = "ours (handler)";
 const ANCHOR_HANDLER = "Deno.serve (handler)";
+const OURS_TLS = "ours (TLS)";
+const ANCHOR_TLS = "Deno.serve (TLS)";
 
 /** This file, run in one of its internal roles (`--serve`, `--download`). */
 const ROLE = ["deno", "run", "--allow-net=127.0.0.1", "bench.ts"];
@@ -1147,6 +1309,53 @@ function bookContenders(env: Environment, dir: string): Contender[] {
   return list;
 }
 
+/**
+ * The servers of the `https` section: ours with --cert and --key, without a
+ * handler (the book's routes), and the anchor's `Deno.serve` with the same
+ * certificate. Each may read the certificate's files and nothing else.
+ */
+function httpsContenders(files: CertificateFiles): Contender[] {
+  const read = `--allow-read=${files.cert},${files.key}`;
+  return [
+    {
+      name: OURS_TLS,
+      command: [
+        "deno",
+        "run",
+        "--allow-net",
+        read,
+        "main.ts",
+        "--port",
+        "0",
+        "--quiet",
+        "--cert",
+        files.cert,
+        "--key",
+        files.key,
+      ],
+      workloads: HTTPS,
+      base: ANCHOR_TLS,
+      tls: true,
+    },
+    {
+      name: ANCHOR_TLS,
+      command: [
+        ...ROLE.slice(0, 3),
+        read,
+        ...ROLE.slice(3),
+        "--serve",
+        "anchor",
+        "--cert",
+        files.cert,
+        "--key",
+        files.key,
+      ],
+      workloads: HTTPS,
+      tls: true,
+    },
+  ];
+}
+
 function contenders(
   options: Options,
   env: Environment,
@@ -1173,6 +1382,9 @@ function contenders(
       command: [...ROLE, "--serve", "deno-handler"],
       workloads: HANDLER,
     });
+  }
+  if (options.only.has("https") && certificate) {
+    list.push(...httpsContenders(certificate.files));
   }
   if (options.workers > 1) {
     const n = options.workers;
@@ -1217,6 +1429,60 @@ function contenders(
 const workersName = (n: number) => `ours --workers ${n}`;
 const parallelName = (n: number) => `deno serve --parallel (${n})`;
 
+/**
+ * Makes the `https` section's certificate in `dir`: self-signed, for
+ * `localhost` and 127.0.0.1, with an ECDSA P-256 key (small and quick to
+ * handshake with), valid for two days. It is no CA (basicConstraints
+ * CA:FALSE), or the bench's own client (rustls) would refuse it as a
+ * server's certificate; wrk and ab check none.
+ */
+async function makeCertificate(dir: string): Promise<void> {
+  const files = { cert: `${dir}/cert.pem`, key: `${dir}/key.pem` };
+  // Without -out, the certificate comes on stdout.
+  const pem = await outputOf([
+    "openssl",
+    "req",
+    "-x509",
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+    "-keyout",
+    files.key,
+    "-days",
+    "2",
+    "-subj",
+    "/CN=localhost",
+    "-addext",
+    "subjectAltName=DNS:localhost,IP:127.0.0.1",
+    "-addext",
+    "basicConstraints=critical,CA:FALSE",
+    "-addext",
+    "extendedKeyUsage=serverAuth",
+  ], 30);
+  await Deno.writeTextFile(files.cert, pem);
+  certificate = { pem, files };
+}
+
+/**
+ * What OpenSSL's client (wrk's and ab's) negotiates with `server`: the
+ * protocol version, cipher suite and key exchange group.
+ */
+async function describeTls(server: Server): Promise<string> {
+  const output = await probe([
+    "openssl",
+    "s_client",
+    "-connect",
+    `127.0.0.1:${server.port}`,
+    "-brief",
+  ]) ?? "";
+  const field = (name: string) =>
+    output.match(new RegExp(`^${name}: (.+)$`, "m"))?.[1] ?? "?";
+  return `${server.name}: ${field("Protocol version")}, ` +
+    `${field("Ciphersuite")}, ${field("Server Temp Key")}`;
+}
+
 async function writeHelpers(dir: string): Promise<void> {
   const benchUrl = new URL("./bench.ts", import.meta.url).href;
   await Deno.writeTextFile(`${dir}/pipeline.lua`, PIPELINE_LUA);
@@ -1241,7 +1507,7 @@ function workloadsOf(list: Contender[]): Workload[] {
     .sort((a, b) => ALL.indexOf(a) - ALL.indexOf(b));
 }
 
-const ALL = [...BOOK, ...HANDLER];
+const ALL = [...BOOK, ...HANDLER, ...HTTPS];
 
 function fmtSample(workload: Workload, sample: Sample): string {
   return workload.mode === "stream"
@@ -1306,7 +1572,7 @@ async function measureMemory(
 ): Promise<Map<string, Memory>> {
   const memory = new Map<string, Memory>();
   for (const contender of list) {
-    const spec = contender.name === OURS
+    const spec = contender.name === OURS || contender.name === OURS_TLS
       ? {
         ...contender,
         command: [...contender.command, "--idle-timeout", "60"],
@@ -1393,9 +1659,12 @@ function pairedRatio(
 /** Requests per second of server CPU: the floor's divided by it is ≤ 1. */
 const perCpu = (sample: Sample) => 1 / sample.cpuPerRequest;
 
-/** Where a workload's floor figures are: the floor's run in its mode. */
+/**
+ * Where a workload's floor figures are: the floor's run in its mode. The
+ * floor speaks no TLS: HTTPS rows have none.
+ */
 function floorKey(workload: Workload): string {
-  return key(workload.mode, FLOOR);
+  return workload.tls ? "" : key(workload.mode, FLOOR);
 }
 
 function ratio(value: number): string {
@@ -1566,6 +1835,31 @@ function targets(
       handler(STREAM.name, 0.9),
     );
   }
+  if (has("https")) {
+    const https = (workload: string, least: number) =>
+      atLeast(
+        `${workload}: ours ÷ Deno.serve req/s`,
+        vs(workload, OURS_TLS, ANCHOR_TLS),
+        least,
+      );
+    const fullCpu = pairedRatio(
+      results,
+      key("https full handshake", OURS_TLS),
+      key("https full handshake", ANCHOR_TLS),
+      perCpu,
+    );
+    checks.push(
+      https("https keep-alive", 0.9),
+      https("https pipelined", 3),
+      https("https close (resumed)", 0.9),
+      https("https full handshake", 0.9),
+      atLeast(
+        "https full handshake: ours ÷ Deno.serve req per CPU-second",
+        fullCpu,
+        0.9,
+      ),
+    );
+  }
   let oursErrors = 0;
   for (const [at, samples] of results) {
     if (!at.split("|")[1].startsWith(OURS)) continue;
@@ -1584,6 +1878,7 @@ function report(
   results: Results,
   list: Contender[],
   memory: Map<string, Memory>,
+  tls: string[],
 ): Target[] {
   const pinning = env.wrkPin.length
     ? `wrk on CPU 0, servers on CPU ${env.serverPin[2]}`
@@ -1621,11 +1916,37 @@ function report(
     `- idle memory: growth of the server's VmRSS once it has answered one ` +
     `\`GET /\` on each idle keep-alive connection (ours: --idle-timeout 60)`,
   ];
+  if (options.only.has("https")) {
+    lines.push(
+      `- https: ours (\`--cert --key\`, the book's routes, no handler) and ` +
+        `the anchor's \`Deno.serve\` with the same throwaway certificate ` +
+        `(self-signed, ECDSA P-256, made by openssl at the start); ` +
+        `negotiated with OpenSSL's client: ${tls.join("; ")}; ` +
+        `"close (resumed)" is wrk with \`Connection: close\`, which resumes ` +
+        `the TLS session on each new connection (a TLS 1.3 PSK with a new ` +
+        `key exchange, no certificate or signature); "full handshake" is ` +
+        `\`ab -c ${options.connections}\` (HTTP/1.0, a new connection and a ` +
+        `new session per request; ab reports p99 in whole ms); both clients ` +
+        `have one CPU and can saturate before the server does (see server ` +
+        `CPU), so CPU µs/req is the fairer figure there; "(TLS)" memory ` +
+        `rows hold connections that completed a handshake`,
+    );
+  }
   if (list.length > 0) lines.push("", ...throughputTable(results, list));
   if (list.some((c) => c.workloads.includes(STREAM))) {
     lines.push("", ...streamTable(results, list));
   }
   if (memory.size > 0) lines.push("", ...memoryTable(memory));
+  if (memory.has(OURS_TLS)) {
+    // Reported beside Deno.serve's; no target (issue 10).
+    const kib = (name: string) =>
+      (memory.get(name)?.kibPerConnection ?? NaN).toFixed(2);
+    lines.push(
+      "",
+      `Idle memory per TLS connection: ours ${kib(OURS_TLS)} KiB, ` +
+        `Deno.serve ${kib(ANCHOR_TLS)} KiB.`,
+    );
+  }
   lines.push(
     "",
     ...checks.map((t) => `${t.pass ? "PASS" : "FAIL"} ${t.label}`),
@@ -1650,12 +1971,15 @@ async function cleanUp(): Promise<void> {
 }
 
 async function bench(options: Options): Promise<boolean> {
-  const env = await describeEnvironment();
+  const env = await describeEnvironment(options);
   const dir = tempDir = await Deno.makeTempDir({ prefix: "bench-" });
   const servers = new Map<string, Server>();
   try {
     await writeHelpers(dir);
+    if (options.only.has("https")) await makeCertificate(dir);
     const list = contenders(options, env, dir);
+    /** What each HTTPS server negotiates, for the report. */
+    const tls: string[] = [];
     const load: Load = {
       pin: env.wrkPin,
       connections: options.connections,
@@ -1667,13 +1991,23 @@ async function bench(options: Options): Promise<boolean> {
       servers.set(contender.name, server);
       const check = contender.workloads === HANDLER ? checkHandler : checkHello;
       await check(server);
+      if (server.tls) tls.push(await describeTls(server));
     }
     await warmUp(servers, list, load);
     const results = await runRounds(servers, list, options, load);
     await stop([...servers.values()].map((server) => server.child));
     servers.clear();
-    let memory = new Map<string, Memory>();
+    const memoryList: Contender[] = [];
     if (options.only.has("memory")) {
+      memoryList.push(
+        ...bookContenders(env, dir).filter((c) => c.name !== OURS_LOG),
+      );
+    }
+    if (options.only.has("https") && certificate) {
+      memoryList.push(...httpsContenders(certificate.files));
+    }
+    let memory = new Map<string, Memory>();
+    if (memoryList.length > 0) {
       const idle = await idleBudget(options.idleConnections);
       if (idle < options.idleConnections) {
         console.error(
@@ -1681,12 +2015,10 @@ async function bench(options: Options): Promise<boolean> {
             `(run \`ulimit -n 65536\` first for ${options.idleConnections})`,
         );
       }
-      const memoryList = bookContenders(env, dir).filter((c) =>
-        c.name !== OURS_LOG
-      );
       memory = await measureMemory(memoryList, idle, env, load);
     }
-    return report(env, options, results, list, memory).every((t) => t.pass);
+    return report(env, options, results, list, memory, tls)
+      .every((t) => t.pass);
   } finally {
     await cleanUp();
   }
@@ -1703,10 +2035,10 @@ function optionsOrExit(args: string[]): Options & Internal {
 }
 
 /** Runs one of the servers the bench starts as subprocesses. */
-function serveRole(role: string): void {
+function serveRole(role: string, files?: CertificateFiles): void {
   switch (role) {
     case "anchor":
-      return serveAnchor();
+      return serveAnchor(files);
     case "floor":
       serveFloor();
       return;
@@ -1722,7 +2054,7 @@ function serveRole(role: string): void {
 if (import.meta.main) {
   const options = optionsOrExit(Deno.args);
   if (options.serve !== undefined) {
-    serveRole(options.serve);
+    serveRole(options.serve, options.files);
   } else if (options.download !== undefined) {
     await download(options.download);
   } else {

@@ -1,6 +1,7 @@
 /**
  * Tests for main.ts: a server on port 0 in this process, spoken to in raw
- * bytes over `Deno.connect`. Run with
+ * bytes over `Deno.connect` (and `Deno.connectTls`, trusting a test CA whose
+ * certificates are kept below as PEM text). Run with
  * `deno test --allow-net --allow-read --allow-write` (`deno task test`): the
  * tests of serveFiles() build files in a temporary directory, and with
  * `--allow-net` alone they are ignored.
@@ -49,12 +50,17 @@ class Client {
   #buffer = new Uint8Array(0);
   /** A read under way, kept: a wait that gives up on it loses nothing. */
   #reading: Promise<Uint8Array | null> | null = null;
-  constructor(readonly conn: Deno.TcpConn) {}
+  constructor(readonly conn: Deno.Conn) {}
 
   static async open(server: Server): Promise<Client> {
     return new Client(
       await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port }),
     );
+  }
+
+  /** A client over TLS to a server with the test certificate. */
+  static async openTls(server: Server): Promise<Client> {
+    return new Client(await connectTls(server));
   }
 
   async send(data: string | Uint8Array): Promise<void> {
@@ -1268,19 +1274,29 @@ Deno.test("serve() closes connections still busy at the shutdown timeout", async
 // Slow clients, limits and the connection cap
 // ---------------------------------------------------------------------------
 
-/** Reads until the server closes; returns what arrived and when, in ms. */
+/**
+ * Reads until the server closes; returns what arrived and when, in ms. It
+ * stops waiting after `limit` ms, so that a server that never closes fails
+ * the test rather than hangs it; the caller closes `conn` either way.
+ */
 async function readUntilClosed(
   conn: Deno.Conn,
   since: number,
+  limit = 10_000,
 ): Promise<{ text: string; after: number }> {
   const chunks: string[] = [];
   const buffer = new Uint8Array(4096);
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<null>((resolve) => {
+    timer = setTimeout(resolve, limit, null);
+  });
   try {
     let count: number | null;
-    while ((count = await conn.read(buffer)) !== null) {
+    while ((count = await Promise.race([conn.read(buffer), late])) !== null) {
       chunks.push(decoder.decode(buffer.subarray(0, count)));
     }
   } catch { /* a reset ends it too */ }
+  clearTimeout(timer);
   return { text: chunks.join(""), after: performance.now() - since };
 }
 
@@ -4107,4 +4123,473 @@ Deno.test("serve() answers thousands of mutated requests with valid responses", 
       assert.equal(after?.status, 200);
     },
   );
+});
+
+// ---------------------------------------------------------------------------
+// TLS: the same server over Deno.listenTls (cert and key options, issue 10)
+// ---------------------------------------------------------------------------
+
+/*
+ * A test certificate authority and a certificate for `localhost` signed by
+ * it, kept here as PEM text so that `deno test --allow-net` needs no file
+ * and no subprocess. Both keys are ECDSA P-256 (small, quick to handshake
+ * with). Both certificates are valid from 2025-01-01 to 2045-01-01: fixed
+ * dates rather than "now", so that a machine whose clock lags the day they
+ * were made still accepts them. The leaf names `localhost` and `127.0.0.1`
+ * in subjectAltName, which clients check (RFC 6125 §6.4), and is not a CA
+ * (rustls refuses a CA certificate as a server's own). Made once with
+ * OpenSSL 3.0 (`openssl ca`, because only it sets a start date before
+ * today); the CA's key was thrown away:
+ *
+ * ```sh
+ * cat >ca.cnf <<'CNF'
+ * [ca]
+ * default_ca = test_ca
+ * [test_ca]
+ * database = index.txt
+ * new_certs_dir = .
+ * serial = serial
+ * default_md = sha256
+ * policy = any_name
+ * [any_name]
+ * commonName = supplied
+ * [ca_ext]
+ * basicConstraints = critical, CA:TRUE
+ * keyUsage = critical, keyCertSign, cRLSign
+ * subjectKeyIdentifier = hash
+ * [leaf_ext]
+ * subjectAltName = DNS:localhost, IP:127.0.0.1
+ * basicConstraints = critical, CA:FALSE
+ * keyUsage = critical, digitalSignature
+ * extendedKeyUsage = serverAuth
+ * authorityKeyIdentifier = keyid
+ * CNF
+ * touch index.txt
+ * openssl rand -hex 16 >serial
+ * openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out ca.key
+ * openssl req -new -key ca.key -subj "/CN=hello-server test CA" -out ca.csr
+ * openssl ca -batch -config ca.cnf -selfsign -keyfile ca.key -in ca.csr \
+ *   -startdate 20250101000000Z -enddate 20450101000000Z -extensions ca_ext \
+ *   -notext -out ca.crt
+ * openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 \
+ *   -out localhost.key
+ * openssl req -new -key localhost.key -subj "/CN=localhost" \
+ *   -out localhost.csr
+ * openssl ca -batch -config ca.cnf -cert ca.crt -keyfile ca.key \
+ *   -in localhost.csr -startdate 20250101000000Z -enddate 20450101000000Z \
+ *   -extensions leaf_ext -notext -out localhost.crt
+ * openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 \
+ *   -out other.key
+ * openssl verify -CAfile ca.crt localhost.crt   # localhost.crt: OK
+ * ```
+ *
+ * TEST_CA is ca.crt, TEST_CERT localhost.crt, TEST_KEY localhost.key (PKCS
+ * #8), OTHER_KEY other.key.
+ */
+
+/** The test CA's certificate: what the clients are told to trust. */
+const TEST_CA = `-----BEGIN CERTIFICATE-----
+MIIBfzCCASWgAwIBAgIRAMKf2a8ysxjnoq7WlS/p9x0wCgYIKoZIzj0EAwIwHzEd
+MBsGA1UEAwwUaGVsbG8tc2VydmVyIHRlc3QgQ0EwHhcNMjUwMTAxMDAwMDAwWhcN
+NDUwMTAxMDAwMDAwWjAfMR0wGwYDVQQDDBRoZWxsby1zZXJ2ZXIgdGVzdCBDQTBZ
+MBMGByqGSM49AgEGCCqGSM49AwEHA0IABGVSuyYje3A15cK+looUQCRrD5uL83rH
+LoJZ0NrTh8+yn12dCSYbCoY3XcCyT1BD4zi7okuxqoBDcrsgJFqvEwKjQjBAMA8G
+A1UdEwEB/wQFMAMBAf8wDgYDVR0PAQH/BAQDAgEGMB0GA1UdDgQWBBT6CXMajtlE
+9Z3f8kuOXzDiE1WvhDAKBggqhkjOPQQDAgNIADBFAiEA1/pPPdk/V/m32UnyJc1B
+rOGyghf2KPxQ49EcDIj8UDcCIGx9zSRmX/8K5xXcZMKAir96Wu7mPlyj1GQqqnaS
+gpqi
+-----END CERTIFICATE-----
+`;
+
+/** The server's certificate for `localhost` and `127.0.0.1`, signed by TEST_CA. */
+const TEST_CERT = `-----BEGIN CERTIFICATE-----
+MIIBxjCCAWugAwIBAgIRAMKf2a8ysxjnoq7WlS/p9x4wCgYIKoZIzj0EAwIwHzEd
+MBsGA1UEAwwUaGVsbG8tc2VydmVyIHRlc3QgQ0EwHhcNMjUwMTAxMDAwMDAwWhcN
+NDUwMTAxMDAwMDAwWjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIB
+BggqhkjOPQMBBwNCAAQPtjTRt8KiHSgj7NRGvbU5CNCZH0htFn4N3kHGhC1B4Mmw
+w0xd27n5875vbqRMcyxr+VoQFtC+6W2rsxfVi/qIo4GSMIGPMBoGA1UdEQQTMBGC
+CWxvY2FsaG9zdIcEfwAAATAMBgNVHRMBAf8EAjAAMA4GA1UdDwEB/wQEAwIHgDAT
+BgNVHSUEDDAKBggrBgEFBQcDATAfBgNVHSMEGDAWgBT6CXMajtlE9Z3f8kuOXzDi
+E1WvhDAdBgNVHQ4EFgQU8pZ19kh/42Ygb/mnuub2TW736hAwCgYIKoZIzj0EAwID
+SQAwRgIhAKk4Hb5rdR4412McqCk/XYtT7wqR1PLQhUw8WoXXCKrqAiEA7uM7RoQI
+RnPvsn83Lp0W2nQSd+3hqKukPbsmAokwvKo=
+-----END CERTIFICATE-----
+`;
+
+/** TEST_CERT's private key: a test key, public by design. */
+const TEST_KEY = `-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg/APijRHkJHv8h+WQ
+wcbb8FicrbjjlnDC7Enq6JCJvPShRANCAAQPtjTRt8KiHSgj7NRGvbU5CNCZH0ht
+Fn4N3kHGhC1B4Mmww0xd27n5875vbqRMcyxr+VoQFtC+6W2rsxfVi/qI
+-----END PRIVATE KEY-----
+`;
+
+/** A key that does not match TEST_CERT. */
+const OTHER_KEY = `-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgIxfcTxVddr4jIzKb
+VypM969Ls0+V2fbgjJhbSXjNskehRANCAASLYhO01TMYUEOgnf0cT3+c3kelNh5X
+b1zH4WtBSSowJHDzxjCyLt2ODTc5ME7b8+fo1DPWwCO34zEV0DNu369B
+-----END PRIVATE KEY-----
+`;
+
+/** The options that turn TLS on, with the test certificate. */
+const TLS: ServeOptions = { cert: TEST_CERT, key: TEST_KEY };
+
+/** A TLS connection to `server` that trusts the test CA. */
+function connectTls(
+  server: Server,
+  options: { alpnProtocols?: string[] } = { alpnProtocols: ["http/1.1"] },
+): Promise<Deno.TlsConn> {
+  return Deno.connectTls({
+    hostname: "localhost",
+    port: server.addr.port,
+    caCerts: [TEST_CA],
+    ...options,
+  });
+}
+
+/** GET / on a fresh TLS connection: the server still serves. */
+async function assertServesTls(server: Server): Promise<void> {
+  const client = await Client.openTls(server);
+  try {
+    await client.send(GET);
+    const reply = await client.response();
+    assert.equal(reply?.status, 200);
+    assert.equal(reply.text, HELLO_PAGE);
+  } finally {
+    client.close();
+  }
+}
+
+/** Waits until `condition` holds, looking every 10 ms; fails after `ms`. */
+async function until(
+  condition: () => boolean,
+  what: string,
+  ms = 5000,
+): Promise<void> {
+  const began = performance.now();
+  while (!condition()) {
+    assert.ok(performance.now() - began < ms, `${what}: not in ${ms} ms`);
+    await delay(10);
+  }
+}
+
+/** A TLS record (RFC 8446 §5.1) of `type` around `body`, in TLS 1.0's version. */
+function tlsRecord(type: number, body: Uint8Array): Uint8Array {
+  const bytes = new Uint8Array(5 + body.length);
+  bytes.set([type, 0x03, 0x01, body.length >> 8, body.length & 0xff]);
+  bytes.set(body, 5);
+  return bytes;
+}
+
+/** `length` bytes of seeded noise: the same on every run. */
+function noise(seed: number, length: number): Uint8Array {
+  const next = random(seed);
+  return Uint8Array.from({ length }, () => Math.floor(next() * 256));
+}
+
+Deno.test("serve() speaks HTTP/1.1 over TLS, chosen by ALPN", async () => {
+  await withServer(TLS, async (server) => {
+    // A client offering ALPN gets http/1.1, the only protocol offered back
+    // (RFC 7301 §3.2); one offering none is served all the same.
+    for (const alpnProtocols of [["h2", "http/1.1"], ["http/1.1"], []]) {
+      const conn = await connectTls(server, { alpnProtocols });
+      const client = new Client(conn);
+      try {
+        const { alpnProtocol } = await conn.handshake();
+        assert.equal(alpnProtocol, alpnProtocols.length ? "http/1.1" : null);
+        await client.send(GET);
+        const reply = await client.response();
+        assert.equal(reply?.status, 200);
+        assert.equal(reply.text, HELLO_PAGE);
+        assert.equal(
+          reply.headers.get("content-length"),
+          String(encoder.encode(HELLO_PAGE).length),
+        );
+      } finally {
+        client.close();
+      }
+    }
+  });
+});
+
+Deno.test("serve() keeps a TLS connection alive and answers pipelined requests", async () => {
+  await withServer({ ...TLS, idleTimeout: 7 }, async (server) => {
+    const client = await Client.openTls(server);
+    try {
+      for (let i = 0; i < 3; i++) {
+        await client.send(post("/echo", `round ${i}`));
+        const reply = await client.response();
+        assert.equal(reply?.text, `round ${i}`);
+        assert.equal(reply.headers.get("connection"), undefined);
+        assert.equal(reply.headers.get("keep-alive"), "timeout=7");
+      }
+      // In one write, which TLS splits into records of 16 KiB at most: the
+      // requests straddle record boundaries.
+      const count = 300;
+      let batch = "";
+      for (let i = 0; i < count; i++) {
+        batch += i % 5 === 4
+          ? "HEAD / HTTP/1.1\r\nHost: localhost\r\n\r\n"
+          : post("/echo", `request ${i}`);
+      }
+      await client.send(batch);
+      for (let i = 0; i < count; i++) {
+        const reply = await client.response({ head: i % 5 === 4 });
+        assert.equal(reply?.status, 200);
+        if (i % 5 !== 4) assert.equal(reply.text, `request ${i}`);
+      }
+    } finally {
+      client.close();
+    }
+  });
+});
+
+Deno.test("serve() echoes a POST body over TLS byte for byte", async () => {
+  await withServer(TLS, async (server) => {
+    const client = await Client.openTls(server);
+    try {
+      // Larger than a TLS record, with every byte value.
+      const body = new Uint8Array(200_000).map((_, i) => (i * 7919) % 256);
+      await client.send(
+        "POST /echo HTTP/1.1\r\nHost: localhost\r\n" +
+          `Content-Length: ${body.length}\r\n\r\n`,
+      );
+      await client.send(body);
+      const reply = await client.response();
+      assert.equal(reply?.status, 200);
+      assert.deepEqual(reply.body, body);
+      // Chunked, on the same connection.
+      await client.send(
+        "POST /echo HTTP/1.1\r\nHost: localhost\r\n" +
+          "Transfer-Encoding: chunked\r\n\r\n" +
+          "5\r\nhello\r\n6\r\n, TLS!\r\n0\r\n\r\n",
+      );
+      assert.equal((await client.response())?.text, "hello, TLS!");
+    } finally {
+      client.close();
+    }
+  });
+});
+
+Deno.test("serve() runs a handler over TLS, with https URLs", async () => {
+  const seen: string[] = [];
+  await withHandler(TLS, async (request, info) => {
+    const url = new URL(request.url);
+    seen.push(`${url.protocol} ${info.remoteAddr.hostname}`);
+    return new Response(
+      `${request.method} ${url.pathname}${url.search} ` +
+        (await request.text()),
+    );
+  }, async (server) => {
+    const client = await Client.openTls(server);
+    try {
+      await client.send(post("/anything?x=1", "over TLS") + GET);
+      assert.equal(
+        (await client.response())?.text,
+        "POST /anything?x=1 over TLS",
+      );
+      assert.equal((await client.response())?.text, "GET / ");
+      // The request's URL says how it came, as Deno.serve's do.
+      assert.deepEqual(seen, ["https: 127.0.0.1", "https: 127.0.0.1"]);
+    } finally {
+      client.close();
+    }
+  });
+});
+
+Deno.test("serve() cuts a stalled TLS handshake at the header timeout", async () => {
+  await withServer({ ...TLS, headerTimeout: 0.5 }, async (server) => {
+    const began = performance.now();
+    // A client that connects and sends nothing, and one that stops half way
+    // through its ClientHello: a record header (RFC 8446 §5.1) announcing
+    // 512 bytes of handshake, a ClientHello header (§4), then 60 bytes.
+    const silent = await Deno.connect({ port: server.addr.port });
+    const half = await Deno.connect({ port: server.addr.port });
+    try {
+      const hello = new Uint8Array(5 + 4 + 60);
+      hello.set([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc]);
+      await half.write(hello);
+      await until(() => server.connections === 2, "both accepted");
+      // Meanwhile the handshakes of others go on: a stall holds up no one.
+      await assertServesTls(server);
+      // What is ours to check is our side: both connections are closed and
+      // forgotten. Their clients do not see an end of stream yet: Deno 2.9's
+      // TLS layer keeps the socket open after a close during a handshake
+      // until the client sends or leaves (a limitation of Deno, recorded in
+      // the README), so this test does not wait for one.
+      await until(() => server.connections === 0, "the stalls cut", 5000);
+      const after = performance.now() - began;
+      // Not before the timeout, give or take the server's coarse clock (it
+      // ticks every 125 ms at this timeout).
+      assert.ok(after >= 350, `cut after ${after} ms, not before 0.5 s`);
+      await assertServesTls(server);
+    } finally {
+      silent.close();
+      half.close();
+    }
+  });
+});
+
+Deno.test("serve() answers 408 to a slow head over TLS", async () => {
+  await withServer({ ...TLS, headerTimeout: 0.5 }, async (server) => {
+    const conn = await connectTls(server);
+    try {
+      await conn.handshake();
+      const began = performance.now();
+      await conn.write(latin1("GET / HTTP/1.1\r\nHost: localhost\r\n"));
+      const { text, after } = await readUntilClosed(conn, began);
+      assert.match(text, /^HTTP\/1\.1 408 Request Timeout\r\n/);
+      assert.match(text, /\r\nConnection: close\r\n/);
+      assert.ok(after < 5000, `cut after ${after} ms, near the 0.5 s timeout`);
+    } finally {
+      conn.close();
+    }
+  });
+});
+
+Deno.test("serve() ends junk and plain HTTP on the TLS port quietly", async () => {
+  const logged: string[] = [];
+  const errors: unknown[][] = [];
+  const consoleError = console.error;
+  console.error = (...args: unknown[]) => errors.push(args);
+  try {
+    // The header timeout is long: these connections must end for what they
+    // sent, not when the timer runs out. The noise is seeded, so that each
+    // run sends the same bytes (some noise, by chance, would be the start
+    // of a valid record, and wait for the rest).
+    const options = {
+      ...TLS,
+      headerTimeout: 10,
+      accessLog: (lines: string) => logged.push(lines),
+    };
+    await withServer(options, async (server) => {
+      const junk: [string, Uint8Array][] = [
+        ["plain HTTP", latin1(GET)],
+        ["plain HTTP, pipelined", latin1(GET + post("/echo", "x") + GET)],
+        ["noise", noise(1, 3000)],
+        // A ClientHello (handshake type 1, RFC 8446 §4) of the length its
+        // header says, whose body is noise: malformed, not incomplete.
+        [
+          "bad ClientHello",
+          tlsRecord(0x16, new Uint8Array([1, 0, 0, 196, ...noise(2, 196)])),
+        ],
+        // Application data before any handshake (§5: unexpected_message).
+        ["early data", tlsRecord(0x17, noise(3, 100))],
+        ["nothing, then a close", new Uint8Array(0)],
+      ];
+      for (const [what, bytes] of junk) {
+        const conn = await Deno.connect({ port: server.addr.port });
+        try {
+          const began = performance.now();
+          if (bytes.length > 0) {
+            await conn.write(bytes);
+          } else {
+            await conn.closeWrite();
+          }
+          const { text, after } = await readUntilClosed(conn, began, 5000);
+          // A TLS alert may come back; an HTTP response may not.
+          assert.doesNotMatch(text, /HTTP\//, what);
+          assert.ok(after < 5000, `${what}: ended after ${after} ms`);
+        } finally {
+          conn.close();
+        }
+        await assertServesTls(server);
+      }
+    });
+  } finally {
+    console.error = consoleError;
+  }
+  assert.deepEqual(errors, [], "nothing on stderr");
+  // The log shows the TLS clients' requests, and nothing of the junk.
+  const lines = logLines(logged);
+  assert.equal(lines.length, 6);
+  for (const line of lines) assert.match(line, /"GET \/ HTTP\/1\.1" 200 /);
+});
+
+Deno.test("serve() counts TLS connections toward maxConnections", async () => {
+  await withServer({ ...TLS, maxConnections: 2 }, async (server) => {
+    // Two clients that never start their handshakes fill the server.
+    const first = await Deno.connect({ port: server.addr.port });
+    const second = await Deno.connect({ port: server.addr.port });
+    const third = await (async () => {
+      await until(() => server.connections === 2, "both accepted");
+      // A third waits in the kernel's backlog, its handshake unanswered.
+      return await connectTls(server);
+    })().catch((error) => {
+      first.close();
+      second.close();
+      throw error;
+    });
+    const client = new Client(third);
+    try {
+      const handshake = third.handshake();
+      const early = await Promise.race([
+        handshake.then(() => true),
+        delay(300).then(() => false),
+      ]);
+      assert.ok(!early, "no handshake over the cap");
+      assert.equal(server.connections, 2);
+      // One of the two leaves: the third is accepted and served.
+      first.close();
+      await within(handshake, "the handshake once a slot is free");
+      await client.send(GET);
+      assert.equal((await client.response())?.text, HELLO_PAGE);
+    } finally {
+      try {
+        first.close();
+      } catch { /* closed above */ }
+      second.close();
+      client.close();
+    }
+  });
+});
+
+Deno.test("serve() shutdown() finishes a TLS request in flight", async () => {
+  let entered!: () => void;
+  const inHandler = new Promise<void>((resolve) => entered = resolve);
+  let release!: () => void;
+  const released = new Promise<void>((resolve) => release = resolve);
+  const server = serve(
+    { ...TLS, port: 0, accessLog: false },
+    async (request) => {
+      if (pathOf(request) === "/slow") {
+        entered();
+        await released;
+      }
+      return new Response("done");
+    },
+  );
+  const idle = await Client.openTls(server);
+  const busy = await Client.openTls(server);
+  try {
+    await idle.send(GET);
+    assert.equal((await idle.response())?.text, "done");
+    await busy.send("GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    await within(inHandler, "the handler called");
+    const finished = server.shutdown();
+    assert.ok(await idle.closedByServer(), "the idle connection is closed");
+    await assert.rejects(connectTls(server).then((conn) => conn.handshake()));
+    release();
+    const reply = await busy.response();
+    assert.equal(reply?.status, 200);
+    assert.equal(reply.text, "done");
+    assert.equal(reply.headers.get("connection"), "close");
+    assert.ok(await busy.closedByServer());
+    await finished;
+    assert.equal(server.forced, 0);
+  } finally {
+    release();
+    idle.close();
+    busy.close();
+    await server.shutdown();
+  }
+});
+
+Deno.test("serve() refuses a certificate without its key", () => {
+  const options = { port: 0, accessLog: false };
+  assert.throws(() => serve({ ...options, cert: TEST_CERT, key: OTHER_KEY }));
+  assert.throws(() => serve({ ...options, cert: TEST_CERT }));
+  assert.throws(() => serve({ ...options, key: TEST_KEY }));
+  assert.throws(() => serve({ ...options, cert: "junk", key: TEST_KEY }));
 });

@@ -623,7 +623,14 @@ async function handleConnection(
         limits,
       );
       if (consumed === INCOMPLETE) {
-        if (connection.pendingBytes > 0) await flush(server, connection);
+        // A read that filled its room and ended mid-request split a batch:
+        // the rest is on its way, and its answers leave with these in one
+        // write. (Over TLS, where Nagle's algorithm stays on, a second small
+        // write would wait for the client's delayed ACK.)
+        const split = connection.filled && connection.start < connection.end;
+        if (connection.pendingBytes > 0 && !split) {
+          await flush(server, connection);
+        }
         if (connection.start === connection.end && !connection.headStarted) {
           if (server.closing) return;
           connection.state = IDLE;
@@ -788,14 +795,27 @@ function queue(connection: Connection, bytes: Uint8Array): void {
   connection.pendingBytes += bytes.length;
 }
 
-/**
- * Writes every queued response in one write; stalls are cut by the ticker.
- * A batch is gathered in the connection's own buffer, kept for its next
- * batch: a pipelining client would otherwise cost a new one every time.
- */
+/** Writes every queued response in one write; stalls are cut by the ticker. */
 async function flush(server: ServerState, connection: Connection) {
+  if (connection.pending.length === 0) return;
+  const bytes = gather(connection);
+  connection.state = WRITE;
+  let written = 0;
+  while (written < bytes.length) {
+    connection.deadline = server.now + server.limits.bodyTimeout * 1000;
+    written += await connection.stream.write(
+      written === 0 ? bytes : bytes.subarray(written),
+    );
+  }
+}
+
+/**
+ * Takes the queued responses off the queue as one run of bytes. A batch is
+ * gathered in the connection's own buffer, kept for its next batch: a
+ * pipelining client would otherwise cost a new one every time.
+ */
+function gather(connection: Connection): Uint8Array {
   const { pending, pendingBytes } = connection;
-  if (pending.length === 0) return;
   let bytes = pending[0];
   if (pending.length > 1) {
     if (pendingBytes > MAX_KEPT_BATCH) {
@@ -814,14 +834,7 @@ async function flush(server: ServerState, connection: Connection) {
   }
   pending.length = 0;
   connection.pendingBytes = 0;
-  connection.state = WRITE;
-  let written = 0;
-  while (written < bytes.length) {
-    connection.deadline = server.now + server.limits.bodyTimeout * 1000;
-    written += await connection.stream.write(
-      written === 0 ? bytes : bytes.subarray(written),
-    );
-  }
+  return bytes;
 }
 
 /**
@@ -868,7 +881,9 @@ function expire(server: ServerState, connection: Connection): void {
     reply.contents.length,
     server.now,
   );
-  connection.stream.write(responseBytes(server, reply, false, false, 1))
+  // Answers already queued for the requests before it go first.
+  queue(connection, responseBytes(server, reply, false, false, 1));
+  connection.stream.write(gather(connection))
     .then(() => connection.stream.closeWrite())
     .catch(() => connection.close());
 }
@@ -2014,6 +2029,9 @@ async function respond(
   if (typeof request === "number") {
     return answer(server, connection, errorReply(request), line, began);
   }
+  // Answers to the requests before this one leave before its body is read:
+  // the client may wait for them before it sends the body.
+  if (hasBody && connection.pendingBytes > 0) await flush(server, connection);
   connection.state = BUSY;
   connection.deadline = Infinity;
   const called = call(server, connection, request, exchange);

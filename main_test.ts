@@ -4593,3 +4593,52 @@ Deno.test("serve() refuses a certificate without its key", () => {
   assert.throws(() => serve({ ...options, key: TEST_KEY }));
   assert.throws(() => serve({ ...options, cert: "junk", key: TEST_KEY }));
 });
+
+// ---------------------------------------------------------------------------
+// Batches split across reads
+// ---------------------------------------------------------------------------
+
+Deno.test("serve() answers a pipelined batch before the 408 of a request left unfinished behind it", async () => {
+  await withServer({ headerTimeout: 0.5 }, async (server) => {
+    const conn = await Deno.connect({ port: server.addr.port });
+    try {
+      // Exactly the 256 bytes of a new connection's read buffer, ending
+      // mid-request: a read that fills its room and splits a request makes
+      // the server read on before it writes — and the rest never comes.
+      const batch = latin1(GET.repeat(7) + "GET / HTTP/");
+      assert.equal(batch.length, 256);
+      await conn.write(batch);
+      const { text } = await readUntilClosed(conn, performance.now());
+      const statuses = [...text.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((m) =>
+        m[1]
+      );
+      assert.deepEqual(statuses, [...Array(7).fill("200"), "408"]);
+    } finally {
+      conn.close();
+    }
+  });
+});
+
+Deno.test("serve() answers earlier pipelined requests before waiting for a handler's body", async () => {
+  await withHandler(
+    {},
+    async (request) =>
+      new Response(`${request.method} ${await request.text()}`),
+    async (server) => {
+      const client = await Client.open(server);
+      try {
+        await client.send(
+          `GET /a HTTP/1.1\r\nHost: x\r\n\r\n` +
+            `POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234`,
+        );
+        const first = await within(client.response(), "the GET's answer");
+        assert.equal(first?.text, "GET ");
+        await client.send("56789");
+        const second = await within(client.response(), "the POST's answer");
+        assert.equal(second?.text, "POST 0123456789");
+      } finally {
+        client.close();
+      }
+    },
+  );
+});

@@ -359,6 +359,8 @@ class ServerState {
   /** A coarse clock (ms), advanced by the ticker: deadlines need no more. */
   now = Date.now();
   readonly cache = new ResponseCache();
+  /** Each way a head can end: see endsOfHead(). */
+  readonly endOfHead: string[];
   readonly log: AccessLog | null;
   /** What a handler's request URLs begin with. */
   readonly scheme: string;
@@ -377,6 +379,7 @@ class ServerState {
   ) {
     const accessLog = options.accessLog ?? true;
     this.log = accessLog === false ? null : new AccessLog(accessLog);
+    this.endOfHead = endsOfHead(limits.idleTimeout);
     this.handler = options.handler ?? null;
     this.scheme = options.cert ? "https" : "http";
     this.onError = options.onError ?? null;
@@ -532,7 +535,10 @@ class Connection {
   refused = false;
   /** A handler's response is on its way: a timeout can only close. */
   responding = false;
-  /** The last request's target, host and fields, as text: see recall(). */
+  /**
+   * The last request's target and host, the target and host its URL was
+   * made of, that URL, then its fields' names and values: see recall().
+   */
   readonly texts: string[] = [];
   /** Responses parsed from one read, written together, and where. */
   pending: Uint8Array[] = [];
@@ -2101,13 +2107,18 @@ function toRequest(
   }
   const { texts } = connection;
   const target = recall(buf, head.targetStart, head.targetEnd, texts, 0);
-  const url = buf[head.targetStart] !== SLASH
-    ? target
-    : head.hostEnd > 0
-    ? `${server.scheme}://${
-      recall(buf, head.hostStart, head.hostEnd, texts, 1)
-    }${target}`
-    : `${server.scheme}://${hostOf(server.listener.addr)}${target}`;
+  const host = head.hostEnd > 0
+    ? recall(buf, head.hostStart, head.hostEnd, texts, 1)
+    : hostOf(server.listener.addr);
+  // The same target and host as last time (the same strings): the same URL.
+  if (target !== texts[2] || host !== texts[3]) {
+    texts[2] = target;
+    texts[3] = host;
+    texts[4] = buf[head.targetStart] !== SLASH
+      ? target
+      : `${server.scheme}://${host}${target}`;
+  }
+  const url = texts[4];
   // The Fetch API allows no body on GET or HEAD: one sent anyway is
   // dropped like any body the handler leaves unread.
   const reader = exchange.reader;
@@ -2147,8 +2158,8 @@ function fieldPairs(
   const { fields, fieldCount } = head;
   for (let at = 0; at < 4 * fieldCount; at += 4) {
     list.push([
-      recall(buf, fields[at], fields[at + 1], texts, 2 + at / 2),
-      recall(buf, fields[at + 2], fields[at + 3], texts, 3 + at / 2),
+      recall(buf, fields[at], fields[at + 1], texts, 5 + at / 2),
+      recall(buf, fields[at + 2], fields[at + 3], texts, 6 + at / 2),
     ]);
   }
   return list;
@@ -2317,17 +2328,21 @@ function buildResponse(
   if (contents.length > 0) head += `Content-Type: ${reply.contentType}\r\n`;
   head += `Content-Length: ${contents.length}\r\n`;
   if (reply.allow) head += `Allow: ${reply.allow}\r\n`;
-  head += connectionFields(server, persistence) + "\r\n";
+  head += server.endOfHead[persistence];
   return joinBytes(head, headOnly ? EMPTY : contents);
 }
 
-/** The `Connection` and `Keep-Alive` fields (RFC 9112 §9.3, §9.6). */
-function connectionFields(server: ServerState, persistence: number): string {
-  if (persistence === CLOSE) return "Connection: close\r\n";
-  const idle = `Keep-Alive: timeout=${Math.floor(server.limits.idleTimeout)}`;
-  return persistence === KEEP_ALIVE_1_0
-    ? `Connection: keep-alive\r\n${idle}\r\n`
-    : `${idle}\r\n`;
+/**
+ * The `Connection` and `Keep-Alive` fields (RFC 9112 §9.3, §9.6) and the
+ * empty line that ends a head, for each way a response ends its exchange.
+ */
+function endsOfHead(idleTimeout: number): string[] {
+  const idle = `Keep-Alive: timeout=${Math.floor(idleTimeout)}\r\n`;
+  const ends: string[] = [];
+  ends[CLOSE] = "Connection: close\r\n\r\n";
+  ends[KEEP_ALIVE] = `${idle}\r\n`;
+  ends[KEEP_ALIVE_1_0] = `Connection: keep-alive\r\n${idle}\r\n`;
+  return ends;
 }
 
 /** A head (Latin-1 text: field values are bytes, not UTF-8) and a body. */
@@ -2418,7 +2433,7 @@ function send(
     : minor === 0
     ? KEEP_ALIVE_1_0
     : KEEP_ALIVE;
-  head += connectionFields(server, persistence) + "\r\n";
+  head += server.endOfHead[persistence];
   connection.refused = false;
   if (content instanceof ReadableStream) {
     queue(connection, joinBytes(head, EMPTY));

@@ -531,7 +531,10 @@ class Connection {
   index = 0;
   /** Kept alive past its first response. */
   kept = false;
-  /** The last reply refused the request: what follows it cannot be trusted. */
+  /**
+   * What follows the last reply cannot be trusted — it refused the request,
+   * or left its body unread — so the close lingers.
+   */
   refused = false;
   /** A handler's response is on its way: a timeout can only close. */
   responding = false;
@@ -548,8 +551,7 @@ class Connection {
   closed = false;
   #remote: Deno.NetAddr | null = null;
   #abort: AbortController | null = null;
-  #closing: Promise<void> | null = null;
-  #closed: (() => void) | null = null;
+  #abandon: ((value: undefined) => void) | null = null;
   #wake: (() => void) | null = null;
   #sleeper: ReturnType<typeof setTimeout> | undefined;
 
@@ -586,11 +588,22 @@ class Connection {
     });
   }
 
-  /** Settles when the connection closes. */
-  whenClosed(): Promise<void> {
-    return this.#closing ??= new Promise((resolve) => {
-      this.#closed = resolve;
-      if (this.closed) resolve();
+  /**
+   * What `promised` settles with, or undefined as soon as the connection
+   * closes, whichever comes first. (Racing a promise that lives as long as
+   * the connection would leave a reaction on it for every request.)
+   */
+  unlessClosed(promised: unknown): Promise<unknown> {
+    return new Promise((resolve, reject) => {
+      this.#abandon = resolve;
+      Promise.resolve(promised).then((value) => {
+        this.#abandon = null;
+        resolve(value);
+      }, (error) => {
+        this.#abandon = null;
+        reject(error);
+      });
+      if (this.closed) resolve(undefined);
     });
   }
 
@@ -599,7 +612,7 @@ class Connection {
     this.closed = true;
     clearTimeout(this.#sleeper);
     this.#wake?.();
-    this.#closed?.();
+    this.#abandon?.(undefined);
     this.hangUp();
     try {
       this.stream.close();
@@ -2027,6 +2040,7 @@ async function respond(
 ): Promise<boolean | null> {
   const head = connection.request;
   const hasBody = head.chunked || head.contentLength > 0;
+  connection.refused = false;
   const exchange = new Exchange(
     connection.remoteAddr,
     hasBody ? new BodyReader(server, connection) : null,
@@ -2064,7 +2078,12 @@ async function respond(
       : null;
   }
   let keepAlive = !server.closing && shouldKeepAlive(head);
-  if (reader && !reader.done) keepAlive &&= await settle(exchange);
+  if (reader && !reader.done) {
+    keepAlive = keepAlive && await settle(exchange);
+    // A body may still be on its way: linger after the reply, so that it
+    // does not turn the close into a reset that destroys the reply.
+    if (!keepAlive) connection.refused = true;
+  }
   return send(server, connection, response, exchange, keepAlive, line, began);
 }
 
@@ -2082,9 +2101,7 @@ async function settle(exchange: Exchange): Promise<boolean> {
   }
   if (stream?.locked) return false;
   await stream?.cancel().catch(() => {});
-  const skipped = await reader!.skip(MAX_DISCARD);
-  if (!skipped) reader!.connection.refused = true;
-  return skipped;
+  return await reader!.skip(MAX_DISCARD);
 }
 
 /**
@@ -2236,7 +2253,7 @@ async function awaitResponse(
 ): Promise<Response | null> {
   let response: unknown;
   try {
-    response = await Promise.race([promised, connection.whenClosed()]);
+    response = await connection.unlessClosed(promised);
     if (connection.closed) return null;
     if (!(response instanceof Response)) {
       throw new TypeError("the handler returned no Response");
@@ -2434,7 +2451,6 @@ function send(
     ? KEEP_ALIVE_1_0
     : KEEP_ALIVE;
   head += server.endOfHead[persistence];
-  connection.refused = false;
   if (content instanceof ReadableStream) {
     queue(connection, joinBytes(head, EMPTY));
     const chunked = exchange.length < 0 && minor >= 1;

@@ -831,13 +831,16 @@ async function flush(server: ServerState, connection: Connection) {
 /**
  * Takes the queued responses off the queue as one run of bytes. A batch is
  * gathered in the connection's own buffer, kept for its next batch: a
- * pipelining client would otherwise cost a new one every time.
+ * pipelining client, or a stream's chunks, would otherwise cost a new one
+ * every time.
  */
 function gather(connection: Connection): Uint8Array {
   const { pending, pendingBytes } = connection;
   let bytes = pending[0];
   if (pending.length > 1) {
-    if (pendingBytes > MAX_KEPT_BATCH) {
+    // A streamed response reuses it for every chunk, however large; it is
+    // let go when the stream ends.
+    if (pendingBytes > MAX_KEPT_BATCH && !connection.responding) {
       bytes = new Uint8Array(pendingBytes);
     } else {
       if ((connection.batch?.length ?? 0) < pendingBytes) {
@@ -2573,6 +2576,9 @@ async function pipe(
   } finally {
     connection.responding = false;
     signal.removeEventListener("abort", stop);
+    if ((connection.batch?.length ?? 0) > MAX_KEPT_BATCH) {
+      connection.batch = null;
+    }
   }
 }
 

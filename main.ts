@@ -2004,17 +2004,24 @@ class Exchange implements ServeHandlerInfo {
     this.reader = reader;
   }
 
-  /** Made only when asked for, so that most requests pay nothing for it. */
+  /**
+   * Made only when asked for, so that most requests pay nothing for it. A
+   * rejection nobody waits for is not a crash: only what is chained to it
+   * must handle it.
+   */
   get completed(): Promise<void> {
     if (this.#completed) return this.#completed;
     const outcome = this.#outcome;
+    let promise: Promise<void>;
     if (outcome !== undefined) {
-      return this.#completed = outcome
-        ? Promise.reject(outcome.error)
-        : Promise.resolve();
+      promise = outcome ? Promise.reject(outcome.error) : Promise.resolve();
+    } else {
+      const settled = Promise.withResolvers<void>();
+      this.#settle = (error) =>
+        error === undefined ? settled.resolve() : settled.reject(error);
+      promise = settled.promise;
     }
-    const { promise, resolve, reject } = Promise.withResolvers<void>();
-    this.#settle = (error) => error === undefined ? resolve() : reject(error);
+    promise.catch(() => {});
     return this.#completed = promise;
   }
 

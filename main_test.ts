@@ -2585,6 +2585,31 @@ Deno.test("serve() rejects info.completed and cancels the stream when the client
   });
 });
 
+Deno.test("serve() survives an info.completed that rejects with nobody waiting", async () => {
+  const cancelled = Promise.withResolvers<void>();
+  await withHandler({}, (request, info) => {
+    if (pathOf(request) === "/") return hello(request, info);
+    // Asked for, and then left alone: its rejection must not crash anything.
+    void info.completed;
+    const body = new ReadableStream<Uint8Array>({
+      pull: (controller) => controller.enqueue(new Uint8Array(64 * 1024)),
+      cancel: () => cancelled.resolve(),
+    }, { highWaterMark: 0 });
+    return new Response(body);
+  }, async (server) => {
+    const client = await Client.open(server);
+    try {
+      await client.send("GET /forever HTTP/1.1\r\nHost: x\r\n\r\n");
+      await within(client.head(), "the head");
+      assert.ok(await within(client.chunk(), "the first chunk"));
+    } finally {
+      client.close();
+    }
+    await within(cancelled.promise, "the stream is cancelled");
+    assert.equal((await ask(server, GET))?.text, "hello /");
+  });
+});
+
 Deno.test("serve() has ref() and unref(), and shuts down at the end of await using", async () => {
   let port = 0;
   {

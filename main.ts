@@ -339,7 +339,7 @@ function listen(limits: Limits, options: ServeOptions): Listener {
     return Deno.listen(address);
   }
   if (!options.cert || !options.key) {
-    throw new TypeError("cert and key go together");
+    throw new TypeError("cert and key go together, both as PEM text");
   }
   return Deno.listenTls({
     ...address,
@@ -570,9 +570,17 @@ class Connection {
     return this.start === this.end;
   }
 
-  /** The signal of every request handled on this connection. */
-  get signal(): AbortSignal {
-    return (this.#abort ??= new AbortController()).signal;
+  /**
+   * The signal of the request about to be handed to a handler: it aborts if
+   * the connection ends while that request is in hand.
+   */
+  newSignal(): AbortSignal {
+    return (this.#abort = new AbortController()).signal;
+  }
+
+  /** The request in hand is answered: the connection's end is not its own. */
+  answered(): void {
+    this.#abort = null;
   }
 
   /** The client left, or a timeout or the shutdown ended the connection. */
@@ -598,6 +606,11 @@ class Connection {
       this.#abandon = resolve;
       Promise.resolve(promised).then((value) => {
         this.#abandon = null;
+        // A response that comes after the close goes nowhere: its body,
+        // perhaps an open file, is let go.
+        if (this.closed && value instanceof Response) {
+          value.body?.cancel().catch(() => {});
+        }
         resolve(value);
       }, (error) => {
         this.#abandon = null;
@@ -676,6 +689,7 @@ async function handleConnection(
       let keepAlive: boolean | null;
       if (consumed > 0 && server.handler && request.path !== "*") {
         keepAlive = await respond(server, connection, line, began);
+        connection.answered();
       } else {
         // Awaited only when there is something to wait for: the hot path of
         // the book's routes takes no trip through the microtask queue.
@@ -859,6 +873,17 @@ function gather(connection: Connection): Uint8Array {
   return bytes;
 }
 
+/** Writes all of `bytes`, however many writes it takes. */
+async function writeAll(
+  writer: { write(bytes: Uint8Array): Promise<number> },
+  bytes: Uint8Array,
+): Promise<void> {
+  let written = 0;
+  while (written < bytes.length) {
+    written += await writer.write(bytes.subarray(written));
+  }
+}
+
 /**
  * Half-closes, then reads and discards until the client closes too (or the
  * linger time ends): a close with unread input would reset the connection
@@ -905,7 +930,7 @@ function expire(server: ServerState, connection: Connection): void {
   );
   // Answers already queued for the requests before it go first.
   queue(connection, responseBytes(server, reply, false, false, 1));
-  connection.stream.write(gather(connection))
+  writeAll(connection.stream, gather(connection))
     .then(() => connection.stream.closeWrite())
     .catch(() => connection.close());
 }
@@ -1744,6 +1769,11 @@ function bodyStream(
         }
       }
       const piece = await reader.next();
+      // Between reads the handler is at work, which no timeout limits.
+      if (connection.state === BODY) {
+        connection.state = BUSY;
+        connection.deadline = Infinity;
+      }
       if (piece) controller.enqueue(piece.slice());
       if (reader.failed) {
         controller.error(
@@ -1993,6 +2023,8 @@ class Exchange implements ServeHandlerInfo {
   stream: ReadableStream<Uint8Array> | null = null;
   /** The handler has asked for the body (so `100 Continue` is spent). */
   continued = false;
+  /** The request's signal. */
+  signal: AbortSignal | null = null;
   /** The response body's length, -1 when unknown, and the bytes sent. */
   length = -1;
   sent = 0;
@@ -2070,7 +2102,16 @@ async function respond(
     response = called;
   } else {
     if (!hasBody) watch(server, connection);
+    // Answers to earlier pipelined requests need not wait for this one.
+    if (connection.pendingBytes > 0) await flush(server, connection);
+    connection.state = BUSY;
+    connection.deadline = Infinity;
     response = await called;
+  }
+  if (response?.bodyUsed) {
+    response = await connection.unlessClosed(
+      recover(server, new TypeError("the handler's Response was already read")),
+    ) as Response | null;
   }
   if (response === null || connection.state === LINGER) {
     exchange.finish(new Error("the connection closed before the response"));
@@ -2152,7 +2193,7 @@ function toRequest(
   if (reader && method !== "GET" && method !== "HEAD") {
     exchange.stream = bodyStream(reader, exchange);
   }
-  const signal = connection.signal;
+  const signal = exchange.signal = connection.newSignal();
   try {
     if (!REQUEST_SLOTS) {
       const headers = fieldPairs(buf, head, texts, []);
@@ -2242,7 +2283,7 @@ function call(
   try {
     response = server.handler!(request, exchange);
   } catch (error) {
-    return recover(server, error);
+    response = Promise.reject(error);
   }
   // A handler that answers at once is answered at once: no trip through
   // the microtask queue.
@@ -2271,7 +2312,9 @@ async function awaitResponse(
     return response;
   } catch (error) {
     if (connection.closed) return null;
-    return await recover(server, error);
+    // onError may hang too: it is cut loose the same way.
+    response = await connection.unlessClosed(recover(server, error));
+    return connection.closed ? null : response as Response;
   }
 }
 
@@ -2462,6 +2505,8 @@ function send(
     : KEEP_ALIVE;
   head += server.endOfHead[persistence];
   if (content instanceof ReadableStream) {
+    // A stream may take its time: watch for the client to hang up meanwhile.
+    if (!exchange.reader || exchange.reader.done) watch(server, connection);
     queue(connection, joinBytes(head, EMPTY));
     const chunked = exchange.length < 0 && minor >= 1;
     return sendStream(server, connection, content, exchange, chunked, keepAlive)
@@ -2492,7 +2537,7 @@ async function sendStream(
   try {
     await pipe(server, connection, content, exchange, chunked);
   } catch (error) {
-    if (!connection.signal.aborted) {
+    if (!exchange.signal?.aborted) {
       console.error(`error: the response body failed: ${firstLine(error)}`);
     }
     exchange.finish(error);
@@ -2542,7 +2587,7 @@ async function pipe(
 ): Promise<void> {
   const reader = stream.getReader();
   const stop = () => reader.cancel().catch(() => {});
-  const signal = connection.signal;
+  const signal = exchange.signal!;
   signal.addEventListener("abort", stop, { once: true });
   connection.responding = true;
   try {
@@ -2643,9 +2688,6 @@ function contentOf(
   response: Response,
   exchange: Exchange,
 ): Uint8Array | ReadableStream<Uint8Array> | null {
-  if (response.bodyUsed) {
-    throw new TypeError("the response body was already used");
-  }
   const slots = response as unknown as Record<symbol, unknown>;
   const lazy = BODY_SLOTS.lazy && slots[BODY_SLOTS.lazy];
   if (typeof lazy === "string") return encodeNow(lazy);
@@ -3964,11 +4006,7 @@ let stdoutWritten: Promise<void> = Promise.resolve();
 /** Writes text to stdout after everything written before it. */
 function writeStdout(text: string): Promise<void> {
   stdoutWritten = stdoutWritten.then(async () => {
-    const bytes = encoder.encode(text);
-    let written = 0;
-    while (written < bytes.length) {
-      written += await Deno.stdout.write(bytes.subarray(written));
-    }
+    await writeAll(Deno.stdout, encoder.encode(text));
   }).catch(() => {/* stdout closed: the log is lost, the server is not */});
   return stdoutWritten;
 }
@@ -4483,9 +4521,11 @@ function workerMain(): void {
       server?.shutdown();
       return;
     }
-    const options = data as AppInit;
+    const options = data as AppInit & Settings;
     const handler = options.app
       ? await loadApp(options.app, options.app)
+      : options.root
+      ? filesHandler(options)
       : undefined;
     try {
       server = serve({

@@ -4667,3 +4667,117 @@ Deno.test("serve() answers earlier pipelined requests before waiting for a handl
     },
   );
 });
+
+// ---------------------------------------------------------------------------
+// Handlers: what a review found
+// ---------------------------------------------------------------------------
+
+Deno.test("serve() lets a handler take its time after reading its body", async () => {
+  await withHandler({ bodyTimeout: 0.5 }, async (request) => {
+    const text = await request.text();
+    await delay(1200); // past the body timeout, with the body all read
+    return new Response(`got ${text}`);
+  }, async (server) => {
+    const client = await Client.open(server);
+    try {
+      await client.send(
+        "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",
+      );
+      await delay(100); // so the body takes a read of its own
+      await client.send("hello");
+      const reply = await within(client.response(), "the reply");
+      assert.equal(reply?.status, 200);
+      assert.equal(reply.text, "got hello");
+    } finally {
+      client.close();
+    }
+  });
+});
+
+Deno.test("serve() gives each request its own signal, not aborted once answered", async () => {
+  const signals: AbortSignal[] = [];
+  await withHandler({}, (request) => {
+    signals.push(request.signal);
+    return new Response("ok");
+  }, async (server) => {
+    const client = await Client.open(server);
+    await client.send(GET + GET);
+    await within(client.response(), "the first reply");
+    await within(client.response(), "the second reply");
+    client.close();
+    await delay(200); // the server sees the close
+  });
+  assert.equal(signals.length, 2);
+  assert.notEqual(signals[0], signals[1]);
+  assert.ok(!signals[0].aborted && !signals[1].aborted);
+});
+
+for (const answer of ["at once", "through a promise"]) {
+  Deno.test(`serve() cancels a stream answered ${answer} when the client hangs up`, async () => {
+    const cancelled = Promise.withResolvers<void>();
+    const aborted = Promise.withResolvers<void>();
+    await withHandler({}, (request) => {
+      request.signal.addEventListener("abort", () => aborted.resolve());
+      const body = new ReadableStream<Uint8Array>({
+        start: (controller) =>
+          controller.enqueue(encoder.encode("data: 1\n\n")),
+        cancel: () => cancelled.resolve(),
+      });
+      const response = new Response(body, {
+        headers: { "content-type": "text/event-stream" },
+      });
+      return answer === "at once" ? response : Promise.resolve(response);
+    }, async (server) => {
+      const client = await Client.open(server);
+      await client.send(GET);
+      await within(client.head(), "the head");
+      assert.ok(await within(client.chunk(), "the first event"));
+      client.close();
+      await within(cancelled.promise, "the stream is cancelled");
+      await within(aborted.promise, "the signal aborts");
+      await until(() => server.connections === 0, "the close");
+    });
+  });
+}
+
+Deno.test("serve() cuts loose an onError that never answers at the shutdown timeout", async () => {
+  const server = serve({
+    port: 0,
+    accessLog: false,
+    shutdownTimeout: 0.5,
+    onError: () => new Promise<Response>(() => {}),
+  }, () => {
+    throw new Error("boom");
+  });
+  const client = await Client.open(server);
+  try {
+    await client.send(GET);
+    await delay(100);
+    await within(server.shutdown(), "the shutdown");
+    assert.equal(server.forced, 1);
+  } finally {
+    client.close();
+  }
+});
+
+Deno.test("serve() answers earlier pipelined requests before a handler that takes its time", async () => {
+  const release = Promise.withResolvers<void>();
+  await withHandler({}, async (request) => {
+    if (pathOf(request) === "/slow") await release.promise;
+    return new Response(pathOf(request));
+  }, async (server) => {
+    const client = await Client.open(server);
+    try {
+      await client.send(
+        "GET /fast HTTP/1.1\r\nHost: x\r\n\r\nGET /slow HTTP/1.1\r\nHost: x\r\n\r\n",
+      );
+      const fast = await within(client.response(), "/fast before /slow ends");
+      assert.equal(fast?.text, "/fast");
+      release.resolve();
+      assert.equal((await within(client.response(), "/slow"))?.text, "/slow");
+    } finally {
+      release.resolve();
+      client.close();
+    }
+  });
+});

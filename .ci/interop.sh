@@ -774,6 +774,24 @@ quiet_stderr() {
   done
 }
 
+section "--root with --workers"
+# Each worker makes its own handler: every one must serve the files, not the
+# book's pages. New connections spread over the workers (reusePort).
+mkdir -p "$WORK/site"
+printf 'a file\n' >"$WORK/site/a.txt"
+files_everywhere() {
+  local i
+  for i in $(seq 20); do
+    expect "$(curl -sS --max-time 5 "http://127.0.0.1:${PORT[files]}/a.txt")" \
+      "a file" "GET /a.txt, connection $i"
+  done
+}
+if launch files deno run --allow-net --allow-read="$WORK/site,main.ts" \
+  --unstable-net main.ts --port 0 --quiet --workers 2 --root "$WORK/site"; then
+  check "--root --workers 2: every connection gets the file" files_everywhere
+  check "--root --workers 2: SIGTERM, exit 0" stop_server files
+fi
+
 section "shutdown"
 check "SIGTERM: the server says 'Shutting down.' and exits 0" \
   exited_cleanly main "$MAIN_RC"

@@ -535,7 +535,7 @@ class Connection {
    * What follows the last reply cannot be trusted — it refused the request,
    * or left its body unread — so the close lingers.
    */
-  refused = false;
+  lingers = false;
   /** A handler's response is on its way: a timeout can only close. */
   responding = false;
   /**
@@ -709,7 +709,7 @@ async function handleConnection(
         await flush(server, connection);
         // Unread bytes behind a refusal must not turn our close into a reset
         // that destroys the reply in flight.
-        if (connection.refused || connection.start < connection.end) {
+        if (connection.lingers || connection.start < connection.end) {
           await linger(server, connection);
         }
         return;
@@ -797,8 +797,9 @@ function received(connection: Connection, count: number | null): boolean {
 }
 
 /**
- * Starts the connection's next read while a handler runs, so that a client
- * that hangs up aborts `request.signal` (Go's background read does the
+ * Starts the connection's next read while a handler's answer is pending or
+ * its stream is being sent, so that a client that hangs up aborts
+ * `request.signal` and cancels the stream (Go's background read does the
  * same). Only when nothing is buffered: pipelined requests wait their turn.
  */
 function watch(server: ServerState, connection: Connection): void {
@@ -1917,8 +1918,8 @@ function answer(
   began: number,
 ): boolean {
   const request = connection.request;
-  connection.refused = REFUSALS.has(reply.status);
-  const keepAlive = !connection.refused && !server.closing &&
+  connection.lingers = REFUSALS.has(reply.status);
+  const keepAlive = !connection.lingers && !server.closing &&
     shouldKeepAlive(request);
   // RFC 9110 §9.3.2: no content in a response to HEAD, not even an error's —
   // the client would take those bytes for the next response.
@@ -2082,7 +2083,7 @@ async function respond(
 ): Promise<boolean | null> {
   const head = connection.request;
   const hasBody = head.chunked || head.contentLength > 0;
-  connection.refused = false;
+  connection.lingers = false;
   const exchange = new Exchange(
     connection.remoteAddr,
     hasBody ? new BodyReader(server, connection) : null,
@@ -2130,10 +2131,10 @@ async function respond(
   }
   let keepAlive = !server.closing && shouldKeepAlive(head);
   if (reader && !reader.done) {
-    keepAlive = keepAlive && await settle(exchange);
+    keepAlive = keepAlive && await discardBody(exchange);
     // A body may still be on its way: linger after the reply, so that it
     // does not turn the close into a reset that destroys the reply.
-    if (!keepAlive) connection.refused = true;
+    if (!keepAlive) connection.lingers = true;
   }
   return send(server, connection, response, exchange, keepAlive, line, began);
 }
@@ -2143,7 +2144,7 @@ async function respond(
  * that the next request starts at the right byte.
  * @returns Whether the connection can still be kept alive.
  */
-async function settle(exchange: Exchange): Promise<boolean> {
+async function discardBody(exchange: Exchange): Promise<boolean> {
   const { reader, stream } = exchange;
   // A body the client was told to wait for never comes unasked; a stream
   // the handler still holds may yet be read. Either way: close after this.

@@ -789,7 +789,10 @@ files_everywhere() {
 if launch files deno run --allow-net --allow-read="$WORK/site,main.ts" \
   --unstable-net main.ts --port 0 --quiet --workers 2 --root "$WORK/site"; then
   check "--root --workers 2: every connection gets the file" files_everywhere
-  check "--root --workers 2: SIGTERM, exit 0" stop_server files
+  FILES_RC=0
+  stop_server files || FILES_RC=$?
+  check "--root --workers 2: SIGTERM, 'Shutting down.', exit 0" \
+    exited_cleanly files "$FILES_RC"
 fi
 
 section "shutdown"

@@ -2098,17 +2098,7 @@ async function respond(
   connection.state = BUSY;
   connection.deadline = Infinity;
   const called = call(server, connection, request, exchange);
-  let response: Response | null;
-  if (called instanceof Response) {
-    response = called;
-  } else {
-    if (!hasBody) watch(server, connection);
-    // Answers to earlier pipelined requests need not wait for this one.
-    if (connection.pendingBytes > 0) await flush(server, connection);
-    connection.state = BUSY;
-    connection.deadline = Infinity;
-    response = await called;
-  }
+  let response = called instanceof Response ? called : await called;
   if (response?.bodyUsed) {
     response = await connection.unlessClosed(
       recover(server, new TypeError("the handler's Response was already read")),
@@ -2290,22 +2280,36 @@ function call(
   // the microtask queue.
   return response instanceof Response
     ? response
-    : awaitResponse(server, connection, response);
+    : awaitResponse(server, connection, response, exchange.reader === null);
 }
 
+const NOT_YET = Symbol("not yet");
+const LATER = Promise.resolve(NOT_YET);
+
 /**
- * Waits for the response a handler promised, while watching for the client
- * to hang up; a handler that never answers is cut loose when the connection
- * closes (the shutdown timeout), so that the server can finish.
+ * Waits for the response a handler promised. An `async` handler that had
+ * nothing to wait for has answered already; one that is really waiting
+ * lets the answers to earlier pipelined requests go out meanwhile, and has
+ * the client watched for a hang-up. A handler that never answers is cut
+ * loose when the connection closes (the shutdown timeout), so that the
+ * server can finish.
  */
 async function awaitResponse(
   server: ServerState,
   connection: Connection,
   promised: unknown,
+  bodiless: boolean,
 ): Promise<Response | null> {
   let response: unknown;
   try {
-    response = await connection.unlessClosed(promised);
+    response = await Promise.race([promised, LATER]);
+    if (response === NOT_YET) {
+      if (bodiless) watch(server, connection);
+      if (connection.pendingBytes > 0) await flush(server, connection);
+      connection.state = BUSY;
+      connection.deadline = Infinity;
+      response = await connection.unlessClosed(promised);
+    }
     if (connection.closed) return null;
     if (!(response instanceof Response)) {
       throw new TypeError("the handler returned no Response");

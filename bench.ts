@@ -985,14 +985,12 @@ function urlOf(server: Server, workload: Workload): string {
 }
 
 /** Runs wrk against `server`, timing the server's CPU meanwhile. */
-async function runWrk(
+function runWrk(
   server: Server,
   workload: Workload,
   load: Load,
 ): Promise<Sample> {
-  const ticks = await cpuTicks(server.pid);
-  const started = performance.now();
-  const output = await outputOf([
+  return measured(server, load, [
     ...load.pin,
     "wrk",
     "-t1",
@@ -1001,10 +999,25 @@ async function runWrk(
     "--latency",
     ...wrkArgs(workload, load),
     urlOf(server, workload),
-  ], load.duration + 30);
+  ], parseWrk);
+}
+
+/**
+ * Runs a load generator's `command` against `server`, and reports what its
+ * output says (through `parse`) beside the server's CPU time meanwhile.
+ */
+async function measured(
+  server: Server,
+  load: Load,
+  command: string[],
+  parse: (output: string) => WrkReport,
+): Promise<Sample> {
+  const ticks = await cpuTicks(server.pid);
+  const started = performance.now();
+  const output = await outputOf(command, load.duration + 30);
   const seconds = (performance.now() - started) / 1000;
   const cpuSeconds = (await cpuTicks(server.pid) - ticks) / CLOCK_TICKS;
-  const { rate, requests, p99, errors } = parseWrk(output);
+  const { rate, requests, p99, errors } = parse(output);
   return {
     rate,
     p99,
@@ -1040,14 +1053,12 @@ function parseAb(output: string): WrkReport {
  * full TLS handshake for each request. `-r` counts a failed read as an
  * error rather than ending the run.
  */
-async function runAb(
+function runAb(
   server: Server,
   workload: Workload,
   load: Load,
 ): Promise<Sample> {
-  const ticks = await cpuTicks(server.pid);
-  const started = performance.now();
-  const output = await outputOf([
+  return measured(server, load, [
     ...load.pin,
     "ab",
     "-r",
@@ -1057,17 +1068,7 @@ async function runAb(
     "-t",
     String(load.duration),
     urlOf(server, workload),
-  ], load.duration + 30);
-  const seconds = (performance.now() - started) / 1000;
-  const cpuSeconds = (await cpuTicks(server.pid) - ticks) / CLOCK_TICKS;
-  const { rate, requests, p99, errors } = parseAb(output);
-  return {
-    rate,
-    p99,
-    errors,
-    cpu: cpuSeconds / seconds,
-    cpuPerRequest: cpuSeconds * 1e6 / requests,
-  };
+  ], parseAb);
 }
 
 /** Times DOWNLOADS downloads of the streamed response, by a pinned client. */

@@ -697,9 +697,7 @@ async function handleConnection(
           ? errorReply(-consumed)
           : request.chunked || request.contentLength > 0
           ? await readAndRoute(server, connection)
-          : server.handler
-          ? ANY_OPTIONS
-          : route(request.method, request.path, EMPTY);
+          : ownReply(server, request, EMPTY);
         if (reply?.delayed) await delay(server, connection);
         keepAlive = reply && !connection.closed &&
           answer(server, connection, reply, line, began);
@@ -1955,6 +1953,20 @@ async function delay(server: ServerState, connection: Connection) {
 const REFUSALS = new Set([400, 408, 413, 414, 417, 431, 501, 505]);
 
 /**
+ * The server's own answer to a request it parsed: the book's `match`, or,
+ * in front of a handler, to `OPTIONS *` (what a handler allows is its own).
+ */
+function ownReply(
+  server: ServerState,
+  request: RequestHead,
+  body: Uint8Array,
+): Reply {
+  return server.handler
+    ? ANY_OPTIONS
+    : route(request.method, request.path, body);
+}
+
+/**
  * Routes a request that has a body, after reading it — even when the route
  * ignores it, so that the next request starts where it should.
  * @returns null when the client went away mid-body.
@@ -1972,9 +1984,7 @@ async function readAndRoute(
   const result = await readBody(server, connection);
   if (result === null) return null;
   if (typeof result === "number") return errorReply(result);
-  return server.handler
-    ? ANY_OPTIONS
-    : route(request.method, request.path, result);
+  return ownReply(server, request, result);
 }
 
 /**
@@ -2234,8 +2244,8 @@ interface InnerRequest {
  * byte already (RFC 9110 §5.5) — and ties a signal of its own to the one it
  * is given. `Deno.serve` skips both inside the runtime. Where this Deno
  * keeps a request's field list and signal where these probes find them, the
- * fields go straight into the list and the connection's signal is the
- * request's; anywhere else, the Fetch API's way, only slower.
+ * fields go straight into the list and the request takes the signal made for
+ * it; anywhere else, the Fetch API's way, only slower.
  */
 const REQUEST_SLOTS = (() => {
   try {
@@ -2367,6 +2377,11 @@ const CLOSE = 0;
 const KEEP_ALIVE = 1;
 const KEEP_ALIVE_1_0 = 2; // HTTP/1.0 keeps alive only when told so (RFC 9112 §9.3)
 
+/** How a response ends its exchange, for its Connection fields. */
+function persistenceOf(keepAlive: boolean, minor: number): number {
+  return !keepAlive ? CLOSE : minor === 0 ? KEEP_ALIVE_1_0 : KEEP_ALIVE;
+}
+
 /**
  * The bytes of a response. Fixed replies come from a cache rebuilt when the
  * `Date` second changes, so a hello page costs no encoding at all.
@@ -2378,11 +2393,7 @@ function responseBytes(
   keepAlive: boolean,
   minor: number,
 ): Uint8Array {
-  const persistence = !keepAlive
-    ? CLOSE
-    : minor === 0
-    ? KEEP_ALIVE_1_0
-    : KEEP_ALIVE;
+  const persistence = persistenceOf(keepAlive, minor);
   if (reply.cacheKey === undefined) {
     return buildResponse(server, reply, headOnly, persistence);
   }
@@ -2503,11 +2514,7 @@ function send(
   } else {
     keepAlive = false; // RFC 9112 §6.3 item 8: the body ends at the close.
   }
-  const persistence = !keepAlive
-    ? CLOSE
-    : minor === 0
-    ? KEEP_ALIVE_1_0
-    : KEEP_ALIVE;
+  const persistence = persistenceOf(keepAlive, minor);
   head += server.endOfHead[persistence];
   if (content instanceof ReadableStream) {
     // A stream may take its time: watch for the client to hang up meanwhile.
@@ -3519,7 +3526,6 @@ function entityTags(value: string): string[] {
   return tags;
 }
 
-const DATE_MONTHS = "JanFebMarAprMayJunJulAugSepOctNovDec";
 const DATE_DAY = "(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)";
 const DATE_CLOCK = String.raw`(\d\d):(\d\d):(\d\d)`;
 /** `Sun, 06 Nov 1994 08:49:37 GMT` */
@@ -3555,8 +3561,8 @@ function parseHttpDate(value: string | null): number | null {
   } else if ((match = ASCTIME_DATE.exec(value))) {
     [, month, day, hour, minute, second, year] = match;
   } else return null;
-  const monthIndex = DATE_MONTHS.indexOf(month) / 3;
-  if (!Number.isInteger(monthIndex)) return null;
+  const monthIndex = MONTHS.indexOf(month!);
+  if (monthIndex < 0) return null;
   const time = Date.UTC(
     Number(year),
     monthIndex,

@@ -216,10 +216,10 @@ const MAX_DISCARD = 256 * 1024;
 const LINGER_TIME = 2;
 /** On shutdown, how long a new connection may still send its first request. */
 const SHUTDOWN_GRACE = 1;
-/** Access log lines buffered before a write is forced. */
-const LOG_BATCH = 512;
-/** Access log lines held while stdout is blocked, before lines are dropped. */
-const MAX_LOG_BACKLOG = 100_000;
+/** Access log bytes gathered before a write is started. */
+const LOG_BATCH = 32 * 1024;
+/** Access log bytes held while stdout is blocked, before lines are dropped. */
+const MAX_LOG_BACKLOG = 8 * 1024 * 1024;
 
 // ---------------------------------------------------------------------------
 // serve(): the book's `main` — bind, accept, hand each stream to a handler
@@ -518,10 +518,11 @@ class Connection {
   /** The unparsed bytes are `buffer[start, end)`. */
   start = 0;
   end = 0;
-  /** The room the last read was given, its size, and whether it filled it. */
+  /** The room the last read was given, and whether the read filled it. */
   room: Uint8Array = EMPTY;
-  lastRead = 0;
   filled = false;
+  /** Bytes read since the connection was last idle: its batches' size. */
+  burst = 0;
   /**
    * A read started while a handler runs, so that a client that hangs up is
    * noticed; the loop takes its result as its own next read.
@@ -668,6 +669,7 @@ async function handleConnection(
           connection.state = IDLE;
           connection.deadline = server.now + limits.idleTimeout * 1000;
           if (!connection.watch) shrink(connection);
+          connection.burst = 0;
         } else {
           connection.headStarted ||= server.now;
           connection.state = HEAD;
@@ -768,7 +770,10 @@ function makeRoom(connection: Connection, max: number): Uint8Array {
     connection.start = 0;
     connection.end = end - start;
   }
-  return connection.room = connection.buffer.subarray(connection.end);
+  // A whole buffer is its own room: no view to make on the hot path.
+  return connection.room = connection.end === 0
+    ? connection.buffer
+    : connection.buffer.subarray(connection.end);
 }
 
 /**
@@ -789,7 +794,7 @@ async function fill(connection: Connection, max: number): Promise<boolean> {
 function received(connection: Connection, count: number | null): boolean {
   if (count === null || connection.state === LINGER) return false;
   connection.end += count;
-  connection.lastRead = count;
+  connection.burst += count;
   connection.filled = count === connection.room.length;
   return true;
 }
@@ -812,11 +817,15 @@ function watch(server: ServerState, connection: Connection): void {
   });
 }
 
-/** An idle connection keeps only a small buffer, unless reads are large. */
+/**
+ * An idle connection keeps only a small buffer, unless what it receives
+ * between idle times is large: a pipelining client's batch, split over two
+ * reads, would otherwise cost a new buffer each time.
+ */
 function shrink(connection: Connection): void {
   if (
     connection.buffer.length > IDLE_BUFFER &&
-    connection.lastRead * 2 <= connection.buffer.length
+    connection.burst * 2 <= connection.buffer.length
   ) {
     connection.buffer = new Uint8Array(IDLE_BUFFER);
   }
@@ -1077,22 +1086,33 @@ export function parseRequest(
   let p = start;
   // RFC 9112 §2.2: ignore empty lines received before the request line.
   while (p + 1 < end && buf[p] === CR && buf[p + 1] === LF) p += 2;
-  const headEnd = findHeadEnd(buf, p, end);
-  if (headEnd === INCOMPLETE) {
-    return end - start >= limits.maxHead
-      ? -oversizeStatus(buf, p, end, limits)
-      : INCOMPLETE;
+  // The parsers below stop at every CRLF and never read past an empty line,
+  // so when the bytes end with one (a head, or a pipelined batch of them,
+  // read whole: the usual case) a complete head is certain and each byte is
+  // scanned once. Otherwise the end of the head is found first.
+  const line = p;
+  if (!endsWithEmptyLine(buf, line, end)) {
+    const headEnd = findHeadEnd(buf, line, end);
+    if (headEnd === INCOMPLETE) {
+      return end - start >= limits.maxHead
+        ? -oversizeStatus(buf, line, end, limits)
+        : INCOMPLETE;
+    }
+    if (headEnd < 0) return headEnd;
   }
-  if (headEnd < 0) return headEnd;
-  if (headEnd - start > limits.maxHead) {
-    return -oversizeStatus(buf, p, end, limits);
-  }
-  p = parseRequestLine(buf, p, request, limits);
+  p = parseRequestLine(buf, line, request, limits);
   if (p < 0) return p;
   p = parseFields(buf, p, request, limits);
   if (p < 0) return p;
+  if (p - start > limits.maxHead) return -oversizeStatus(buf, line, p, limits);
   const status = checkFraming(request, limits);
-  return status ? -status : headEnd - start;
+  return status ? -status : p - start;
+}
+
+/** Whether `buf[p, end)` is more than an empty line, and ends with one. */
+function endsWithEmptyLine(buf: Uint8Array, p: number, end: number): boolean {
+  return end - p > 4 && buf[end - 1] === LF && buf[end - 2] === CR &&
+    buf[end - 3] === LF && buf[end - 4] === CR;
 }
 
 /**
@@ -1808,6 +1828,7 @@ interface Reply {
 }
 
 const encoder = new TextEncoder();
+const decoder = new TextDecoder();
 const HTML = "text/html; charset=utf-8";
 const TEXT = "text/plain; charset=utf-8";
 
@@ -3942,16 +3963,25 @@ function fileReply(
 // ---------------------------------------------------------------------------
 
 /**
- * Collects log lines and writes them in batches, one write at a time. If
- * stdout blocks, lines wait in memory up to a bound, then are counted and
- * dropped: a stuck log must not take the server down with it.
+ * Collects log lines, as bytes, and writes them in batches, one write at a
+ * time. A line that repeats the one before (a busy client asking for the
+ * same thing within a second) is only counted, and its copies are made in
+ * bulk when the batch is written. If stdout blocks, lines wait in memory up
+ * to a bound, then are counted and dropped: a stuck log must not take the
+ * server down with it.
  */
 class AccessLog {
-  #lines: string[] = [];
+  /** The lines not yet written are `#buffer[0, #used)`... */
+  #buffer = new Uint8Array(2 * LOG_BATCH);
+  #used = 0;
+  /** ...then `#repeats` more copies of the last line, made by settle(). */
+  #repeats = 0;
+  /** The last line and what it was made of. */
+  #last = { bytes: EMPTY, remote: "", time: "", line: "", status: 0, sent: 0 };
+  /** The other buffer, while it is not being written. */
+  #spare: Uint8Array<ArrayBuffer> | null = new Uint8Array(2 * LOG_BATCH);
   #writing: Promise<void> | null = null;
   #dropped = 0;
-  /** The last line and what it was made of: a repeat costs no allocation. */
-  #last = { text: "", remote: "", time: "", line: "", status: 0, sent: 0 };
 
   constructor(readonly sink: true | ((lines: string) => void)) {}
 
@@ -3963,10 +3993,6 @@ class AccessLog {
     sent: number,
     began: number,
   ): void {
-    if (this.#lines.length >= MAX_LOG_BACKLOG) {
-      this.#dropped++;
-      return;
-    }
     const remote = connection.remoteAddr.hostname;
     const time = logTime(began);
     const last = this.#last;
@@ -3974,8 +4000,12 @@ class AccessLog {
       remote !== last.remote || time !== last.time || line !== last.line ||
       status !== last.status || sent !== last.sent
     ) {
+      this.#settle();
+      const text = `${remote} - - [${time}] "${line}" ${status} ${
+        sent || "-"
+      }\n`;
       this.#last = {
-        text: `${remote} - - [${time}] "${line}" ${status} ${sent || "-"}\n`,
+        bytes: encoder.encode(text),
         remote,
         time,
         line,
@@ -3983,29 +4013,76 @@ class AccessLog {
         sent,
       };
     }
-    this.#lines.push(this.#last.text);
-    if (this.#lines.length >= LOG_BATCH) this.flush();
+    this.#repeats++;
+    if (this.#pending() >= LOG_BATCH) this.flush();
+  }
+
+  #pending(): number {
+    return this.#used + this.#repeats * this.#last.bytes.length;
+  }
+
+  /** Copies the repeats owed into the buffer, dropping those past the bound. */
+  #settle(): void {
+    const { bytes } = this.#last;
+    const room = Math.floor((MAX_LOG_BACKLOG - this.#used) / bytes.length);
+    const count = Math.min(this.#repeats, room);
+    this.#dropped += this.#repeats - count;
+    this.#repeats = 0;
+    if (count <= 0) return;
+    const size = count * bytes.length;
+    const start = this.#reserve(size);
+    this.#buffer.set(bytes, start);
+    // Each copy doubles what is there: log2(count) copies, not count.
+    for (let done = bytes.length; done < size;) {
+      const more = Math.min(done, size - done);
+      this.#buffer.copyWithin(start + done, start, start + more);
+      done += more;
+    }
+  }
+
+  /** Makes room for `size` more bytes; returns where they go. */
+  #reserve(size: number): number {
+    const start = this.#used;
+    if (start + size > this.#buffer.length) {
+      const larger = new Uint8Array(
+        Math.max(2 * this.#buffer.length, start + size),
+      );
+      larger.set(this.#buffer.subarray(0, start));
+      this.#buffer = larger;
+    }
+    this.#used += size;
+    return start;
   }
 
   /** Starts writing what is buffered, unless a write is under way. */
   flush(): void {
-    if (this.#writing || this.#lines.length === 0) return;
-    let text = this.#lines.join("");
-    this.#lines = [];
+    if (this.#writing) return;
+    this.#settle();
     if (this.#dropped > 0) {
-      text += `(access log: ${this.#dropped} lines dropped, stdout blocked)\n`;
+      const note = encoder.encode(
+        `(access log: ${this.#dropped} lines dropped, stdout blocked)\n`,
+      );
+      this.#buffer.set(note, this.#reserve(note.length));
       this.#dropped = 0;
     }
-    if (this.sink !== true) return this.sink(text);
-    this.#writing = writeStdout(text).then(() => {
+    if (this.#used === 0) return;
+    const buffer = this.#buffer;
+    const bytes = buffer.subarray(0, this.#used);
+    this.#used = 0;
+    if (this.sink !== true) return this.sink(decoder.decode(bytes));
+    // The next lines go to the other buffer while this one is written.
+    this.#buffer = this.#spare ?? new Uint8Array(2 * LOG_BATCH);
+    this.#spare = null;
+    this.#writing = writeStdout(bytes).then(() => {
+      if (buffer.length === 2 * LOG_BATCH) this.#spare = buffer;
       this.#writing = null;
-      if (this.#lines.length >= LOG_BATCH) this.flush();
+      if (this.#pending() >= LOG_BATCH) this.flush();
     });
   }
 
   /** Writes everything still buffered. */
   async close(): Promise<void> {
-    while (this.#writing || this.#lines.length > 0) {
+    while (this.#writing || this.#pending() > 0) {
       this.flush();
       await this.#writing;
     }
@@ -4014,11 +4091,10 @@ class AccessLog {
 
 let stdoutWritten: Promise<void> = Promise.resolve();
 
-/** Writes text to stdout after everything written before it. */
-function writeStdout(text: string): Promise<void> {
-  stdoutWritten = stdoutWritten.then(async () => {
-    await writeAll(Deno.stdout, encoder.encode(text));
-  }).catch(() => {/* stdout closed: the log is lost, the server is not */});
+/** Writes bytes to stdout after everything written before it. */
+function writeStdout(bytes: Uint8Array): Promise<void> {
+  stdoutWritten = stdoutWritten.then(() => writeAll(Deno.stdout, bytes))
+    .catch(() => {/* stdout closed: the log is lost, the server is not */});
   return stdoutWritten;
 }
 
@@ -4487,7 +4563,7 @@ async function serveWithWorkers(
         if ("port" in data) listening({ worker, port: data.port });
         else if ("cannotListen" in data) {
           cannotListen(options, port ?? options.port, data.cannotListen);
-        } else if ("lines" in data) writeStdout(data.lines);
+        } else if ("lines" in data) writeStdout(encoder.encode(data.lines));
         else {
           forced += data.forced;
           if (++finished === count) allFinished();

@@ -1145,6 +1145,50 @@ Deno.test("parseRequest() returns minus the status for bad input", () => {
   );
 });
 
+Deno.test("parseRequest() reads nothing past the bytes it is given", () => {
+  // A head that ends the bytes is parsed in one pass; any other is first
+  // scanned for its end. Both must give the same verdict, whatever stale
+  // bytes lie in the buffer beyond `end`.
+  const heads = [
+    GET,
+    "\r\n\r\n" + GET,
+    "GET /sleep?x=1 HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+    "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",
+    "GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    "OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+    "GET / HTTP/1.1\r\n\r\n",
+    "GET / HTTP/1.1\r\nHost: x\r\n",
+    "GET / HTTP/1.1\r\nHost: x\r\n\r",
+    "GET\r\n\r\n",
+    "GET /\r\n\r\n",
+    "GET / HTTP/1\r\n\r\n",
+    "GET / HTTP/\r\n\r\n",
+    "GET / HTTP/1.\r\n\r\n",
+    "GET / HTTP/1.1\nHost: x\r\n\r\n",
+    "GET / HTTP/1.1\r\nHost: x\nX: y\r\n\r\n",
+    "GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n",
+    "GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+    "GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+    "GET / HTTP/1.1\r\nHost: x\r\nNoColon\r\n\r\n",
+    "GET / HTTP/1.1\r\nHost: x\r\n\n\r\n\r\n",
+    "\n\r\n\r\n",
+    "X\r\n\r\n",
+    "\r\n\r\n\r\n",
+  ];
+  const stale = ["\r\n\r\n", "Host: y\r\n\r\n", " HTTP/1.1\r\n\r\n", "\nX"];
+  for (const head of heads) {
+    const request = new RequestHead();
+    const scanned = parseRequest(latin1(head + "G"), 0, head.length, request);
+    const fields = request.fieldCount;
+    for (const after of stale) {
+      const once = new RequestHead();
+      const verdict = parseRequest(latin1(head + after), 0, head.length, once);
+      assert.equal(verdict, scanned, JSON.stringify(head + after));
+      assert.equal(once.fieldCount, fields, JSON.stringify(head + after));
+    }
+  }
+});
+
 // ---------------------------------------------------------------------------
 // Robustness
 // ---------------------------------------------------------------------------
@@ -1548,6 +1592,50 @@ Deno.test("serve() escapes quotes, backslashes and control bytes in the access l
   assert.equal(lines.length, 4);
   const requests = lines.map((line) => parseLogLine(line).request);
   assert.equal(requests[0], String.raw`GET /say\"hi\"\\now HTTP/1.1`);
+});
+
+Deno.test("serve() logs every response of a pipelined batch, repeats included, in order", async () => {
+  const batches: string[] = [];
+  // Repeated lines are counted and copied out when a batch is written: runs
+  // of them, broken by other lines, across several batches, must all come
+  // out, each in its place.
+  const runs: [string, number, number][] = [
+    ["GET / HTTP/1.1", 3, 200],
+    ["GET /x HTTP/1.1", 1, 404],
+    ["GET / HTTP/1.1", 1500, 200],
+    ["HEAD / HTTP/1.1", 2, 200],
+    ["GET /x HTTP/1.1", 700, 404],
+    ["GET / HTTP/1.1", 1, 200],
+  ];
+  const expected = runs.flatMap(([line, count, status]) =>
+    Array.from({ length: count }, () => ({ request: line, status }))
+  );
+  await withServer(
+    { accessLog: (lines) => batches.push(lines) },
+    async (server) => {
+      const client = await Client.open(server);
+      try {
+        await client.send(
+          expected.map(({ request }) => `${request}\r\nHost: x\r\n\r\n`)
+            .join(""),
+        );
+        for (const { request, status } of expected) {
+          const reply = await client.response({
+            head: request.startsWith("HEAD"),
+          });
+          assert.equal(reply?.status, status);
+        }
+      } finally {
+        client.close();
+      }
+    },
+  );
+  assert.ok(batches.length > 1, `${batches.length} batch(es)`);
+  const logged = logLines(batches).map((line) => {
+    const { request, status } = parseLogLine(line);
+    return { request, status };
+  });
+  assert.deepEqual(logged, expected);
 });
 
 // ---------------------------------------------------------------------------

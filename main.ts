@@ -1121,12 +1121,13 @@ function endsWithEmptyLine(buf: Uint8Array, p: number, end: number): boolean {
  * (RFC 9112 §2.2 lets us reject it; accepting it invites smuggling).
  */
 function findHeadEnd(buf: Uint8Array, p: number, end: number): number {
-  let lf = buf.indexOf(LF, p);
-  while (lf >= 0 && lf < end) {
+  // A loop bounded by `end`: indexOf() would search the stale bytes past it,
+  // all of a large buffer's.
+  for (let lf = p; lf < end; lf++) {
+    if (buf[lf] !== LF) continue;
     if (lf === p || buf[lf - 1] !== CR) return -400;
     if (lf + 2 >= end) return INCOMPLETE;
     if (buf[lf + 1] === CR && buf[lf + 2] === LF) return lf + 3;
-    lf = buf.indexOf(LF, lf + 1);
   }
   return INCOMPLETE;
 }

@@ -546,6 +546,8 @@ class Connection {
   readonly texts: string[] = [];
   /** Responses parsed from one read, written together, and where. */
   pending: Uint8Array[] = [];
+  /** How many of `pending` are queued: the array is reused, not emptied. */
+  queued = 0;
   batch: Uint8Array | null = null;
   pendingBytes = 0;
   readonly request = new RequestHead();
@@ -832,13 +834,13 @@ function shrink(connection: Connection): void {
 }
 
 function queue(connection: Connection, bytes: Uint8Array): void {
-  connection.pending.push(bytes);
+  connection.pending[connection.queued++] = bytes;
   connection.pendingBytes += bytes.length;
 }
 
 /** Writes every queued response in one write; stalls are cut by the ticker. */
 async function flush(server: ServerState, connection: Connection) {
-  if (connection.pending.length === 0) return;
+  if (connection.queued === 0) return;
   const bytes = gather(connection);
   connection.state = WRITE;
   let written = 0;
@@ -857,9 +859,9 @@ async function flush(server: ServerState, connection: Connection) {
  * every time.
  */
 function gather(connection: Connection): Uint8Array {
-  const { pending, pendingBytes } = connection;
+  const { pending, queued, pendingBytes } = connection;
   let bytes = pending[0];
-  if (pending.length > 1) {
+  if (queued > 1) {
     // A streamed response reuses it for every chunk, however large; it is
     // let go when the stream ends.
     if (pendingBytes > MAX_KEPT_BATCH && !connection.responding) {
@@ -871,12 +873,15 @@ function gather(connection: Connection): Uint8Array {
       bytes = connection.batch!.subarray(0, pendingBytes);
     }
     let offset = 0;
-    for (const part of pending) {
-      bytes.set(part, offset);
-      offset += part.length;
+    for (let i = 0; i < queued; i++) {
+      bytes.set(pending[i], offset);
+      offset += pending[i].length;
     }
   }
-  pending.length = 0;
+  // Emptying the array would cost a new one for the next batch; the
+  // responses it held are let go all the same.
+  for (let i = 0; i < queued; i++) pending[i] = EMPTY;
+  connection.queued = 0;
   connection.pendingBytes = 0;
   return bytes;
 }

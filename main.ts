@@ -3985,7 +3985,7 @@ class AccessLog {
   /** The last line and what it was made of. */
   #last = { bytes: EMPTY, remote: "", time: "", line: "", status: 0, sent: 0 };
   /** The other buffer, while it is not being written. */
-  #spare: Uint8Array<ArrayBuffer> | null = new Uint8Array(2 * LOG_BATCH);
+  #spare: Uint8Array<ArrayBuffer> | null = null;
   #writing: Promise<void> | null = null;
   #dropped = 0;
 
@@ -4068,7 +4068,8 @@ class AccessLog {
       const note = encoder.encode(
         `(access log: ${this.#dropped} lines dropped, stdout blocked)\n`,
       );
-      this.#buffer.set(note, this.#reserve(note.length));
+      const at = this.#reserve(note.length); // it may replace the buffer
+      this.#buffer.set(note, at);
       this.#dropped = 0;
     }
     if (this.#used === 0) return;

@@ -2,7 +2,7 @@
 # Reliability checks that need the server as a real process or a Debian tool:
 #   1. .ci/reliability_test.ts: real SIGTERM/SIGINT, --shutdown-timeout,
 #      --max-connections counted from /proc, RSS under 5,000 slow clients,
-#      the one-line error for a port in use;
+#      the one-line error for a port in use, a blocked stdout, --root;
 #   2. slowhttptest in slowloris (-H) and slow-body (-B) modes against a server
 #      with short timeouts, while curl checks every 0.5 s that GET / still works.
 # Each check prints one human-readable figure line; the script exits non-zero

@@ -1,9 +1,9 @@
 /**
  * Reliability checks that need the server as a real process: the real
  * SIGTERM/SIGINT, the connection cap counted from `/proc`, memory held by
- * 5,000 slow clients, the one-line error for a port in use, and with
- * `--root`, the descriptors after 200 aborted downloads and the memory held
- * for a slow reader of a big file.
+ * 5,000 slow clients, the one-line error for a port in use, an access log
+ * whose stdout nobody reads, and with `--root`, the descriptors after 200
+ * aborted downloads and the memory held for a slow reader of a big file.
  * `.ci/reliability.sh` runs this file (after `ulimit -n 20000`, which the
  * 5,000-connection test needs) and then slowhttptest:
  *
@@ -874,7 +874,137 @@ Deno.test("a port in use: one line naming the address, exit 1", async () => {
 });
 
 // ---------------------------------------------------------------------------
-// 7. --root: a download cut short releases its file, a slow reader holds no
+// 7. A stdout nobody reads: the access log drops lines, the server serves
+// ---------------------------------------------------------------------------
+
+Deno.test("a blocked stdout: every request answered, every log line written or counted as dropped", async () => {
+  const child = new Deno.Command("bash", {
+    args: ["-c", 'exec "$@"', "bash", DENO, "run", "--allow-net", "main.ts"]
+      .concat(["--port", "0"]),
+    cwd: ROOT,
+    env: { DENO_NO_UPDATE_CHECK: "1" },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  const stdout = child.stdout.getReader();
+  let text = "";
+  try {
+    // Read the listening line, then nothing more until every request has
+    // been answered: the pipe fills, the log's write blocks, and the lines
+    // behind it must wait in a bounded buffer (8 MiB), then be dropped.
+    while (!text.includes("\n")) {
+      const { value } = await within(stdout.read(), 30_000, "server start");
+      assert.ok(value, "stdout ended before the listening line");
+      text += decoder.decode(value);
+    }
+    const port = Number(/:(\d+)\//.exec(text)?.[1]);
+    const request = encoder.encode("GET /x HTTP/1.1\r\nHost: x\r\n\r\n");
+    const batch = 1000;
+    const batches = 200; // 200,000 lines of about 70 bytes: over 8 MiB
+    const conn = await Deno.connect({ hostname: HOST, port });
+    try {
+      // One response first, to learn its size (all 404s are alike).
+      await conn.write(request);
+      const first = await readResponses(conn, 1, 0);
+      const size = first.bytes;
+      const many = new Uint8Array(request.length * batch);
+      for (let i = 0; i < batch; i++) many.set(request, i * request.length);
+      const answered = await within(
+        (async () => {
+          let bytes = 0;
+          for (let i = 0; i < batches; i++) {
+            await conn.write(many);
+            bytes += (await readResponses(conn, batch, size)).bytes;
+          }
+          return bytes;
+        })(),
+        60_000,
+        "200,000 requests while stdout is blocked",
+      );
+      assert.equal(answered, batches * batch * size);
+    } finally {
+      conn.close();
+    }
+    // Now drain stdout, and stop the server: everything still held is written.
+    child.kill("SIGTERM");
+    const rest = within(
+      (async () => {
+        for (;;) {
+          const { value, done } = await stdout.read();
+          if (done) return;
+          text += decoder.decode(value, { stream: true });
+        }
+      })(),
+      30_000,
+      "the rest of stdout",
+    );
+    await rest;
+    const { code } = await within(child.status, 30_000, "the server's exit");
+    assert.equal(code, 0);
+  } finally {
+    try {
+      child.kill("SIGKILL");
+    } catch { /* already exited */ }
+    await child.status;
+    await stdout.cancel().catch(() => {});
+  }
+  const lines = text.trimEnd().split("\n").slice(1);
+  const logged = lines.filter((line) => line.includes('"GET /x HTTP/1.1" 404'));
+  const dropped = lines.map((line) =>
+    Number(
+      /^\(access log: (\d+) lines dropped, stdout blocked\)$/.exec(line)
+        ?.[1] ?? 0,
+    )
+  ).reduce((sum, count) => sum + count, 0);
+  const total = 1 + 200 * 1000;
+  assert.ok(dropped > 0, "no line dropped: was stdout ever blocked?");
+  // A few lines are not the log's: "Shutting down." and the like.
+  assert.ok(lines.length - logged.length < 10, lines.slice(-5).join("\n"));
+  assert.equal(logged.length + dropped, total);
+  console.log(
+    `blocked stdout: ${total} requests answered, ${logged.length} lines ` +
+      `logged, ${dropped} dropped and counted`,
+  );
+});
+
+/**
+ * Reads `count` responses of `size` bytes each (or, with size 0, one
+ * response framed by its Content-Length).
+ */
+async function readResponses(
+  conn: Deno.Conn,
+  count: number,
+  size: number,
+): Promise<{ bytes: number }> {
+  const buffer = new Uint8Array(64 * 1024);
+  if (size === 0) {
+    let head = "";
+    let bytes = 0;
+    for (;;) {
+      const n = await conn.read(buffer);
+      assert.ok(n !== null, "the server closed");
+      head += decoder.decode(buffer.subarray(0, n));
+      bytes += n;
+      const end = head.indexOf("\r\n\r\n");
+      const length = /content-length: (\d+)/i.exec(head)?.[1];
+      if (end >= 0 && length && bytes >= end + 4 + Number(length)) {
+        assert.equal(bytes, end + 4 + Number(length));
+        return { bytes };
+      }
+    }
+  }
+  let bytes = 0;
+  while (bytes < count * size) {
+    const n = await conn.read(buffer);
+    assert.ok(n !== null, "the server closed");
+    bytes += n;
+  }
+  return { bytes };
+}
+
+// ---------------------------------------------------------------------------
+// 8. --root: a download cut short releases its file, a slow reader holds no
 //    more than a chunk or two of it in memory
 // ---------------------------------------------------------------------------
 

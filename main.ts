@@ -216,8 +216,12 @@ const MAX_DISCARD = 256 * 1024;
 const LINGER_TIME = 2;
 /** On shutdown, how long a new connection may still send its first request. */
 const SHUTDOWN_GRACE = 1;
-/** Access log bytes gathered before a write is started. */
-const LOG_BATCH = 32 * 1024;
+/**
+ * Access log bytes gathered before a write is started: what a Linux pipe
+ * holds. Each write to stdout costs Deno a blocking thread's turn (about
+ * 11 µs of CPU here, however small the write), so fewer, larger ones.
+ */
+const LOG_BATCH = 64 * 1024;
 /** Access log bytes held while stdout is blocked, before lines are dropped. */
 const MAX_LOG_BACKLOG = 8 * 1024 * 1024;
 

@@ -222,6 +222,8 @@ const SHUTDOWN_GRACE = 1;
  * 11 µs of CPU here, however small the write), so fewer, larger ones.
  */
 const LOG_BATCH = 64 * 1024;
+/** The largest access log buffer kept for the next batch. */
+const MAX_KEPT_LOG = 1024 * 1024;
 /** Access log bytes held while stdout is blocked, before lines are dropped. */
 const MAX_LOG_BACKLOG = 8 * 1024 * 1024;
 
@@ -2769,12 +2771,15 @@ const MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(" ");
 
 /** `format` of a time, worked out once a second. */
 function perSecond(format: (time: Date) => string): (ms: number) => string {
-  let second = -1;
+  // The second `text` is for, as [from, to) in ms: two comparisons a call.
+  let from = 0;
+  let to = 0;
   let text = "";
   return (ms) => {
-    if (Math.floor(ms / 1000) !== second) {
-      second = Math.floor(ms / 1000);
-      text = format(new Date(second * 1000));
+    if (ms < from || ms >= to) {
+      from = Math.floor(ms / 1000) * 1000;
+      to = from + 1000;
+      text = format(new Date(from));
     }
     return text;
   };
@@ -4085,7 +4090,9 @@ class AccessLog {
     this.#buffer = this.#spare ?? new Uint8Array(2 * LOG_BATCH);
     this.#spare = null;
     this.#writing = writeStdout(bytes).then(() => {
-      if (buffer.length === 2 * LOG_BATCH) this.#spare = buffer;
+      // One grown while stdout was slow is kept too, up to a bound: the next
+      // slow write would grow another.
+      if (buffer.length <= MAX_KEPT_LOG) this.#spare = buffer;
       this.#writing = null;
       if (this.#pending() >= LOG_BATCH) this.flush();
     });

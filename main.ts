@@ -1592,20 +1592,33 @@ function intern(
   return null;
 }
 
-let lastReceived = "";
+/** The last request line logged, and what it was made of. */
 let lastLine = "-";
+let lastMethod: string | null = null;
+let lastTarget = "";
+let lastVersion = 0;
 
 /**
  * The request line as received, for the access log. Most lines repeat the
  * one before (a client asks for the same thing again), so that string is
- * reused when the bytes match, and a busy log allocates no line at all.
+ * reused, and a busy log allocates no line at all. A line that parsed is
+ * `method SP target SP HTTP/d.d`: with the same known method and the same
+ * digits, only the target's bytes need comparing.
  */
 function requestLine(buf: Uint8Array, request: RequestHead): string {
-  const { methodStart: start, lineEnd: end } = request;
+  const { method, targetStart, targetEnd, lineEnd: end } = request;
   if (end === 0) return "-";
-  if (spells(buf, start, end, lastReceived)) return lastLine;
-  lastReceived = latin1(buf, start, end);
-  return lastLine = escapeForLog(lastReceived);
+  const version = buf[end - 3] << 8 | buf[end - 1];
+  if (
+    method === null || method !== lastMethod || version !== lastVersion ||
+    !spells(buf, targetStart, targetEnd, lastTarget)
+  ) {
+    lastMethod = method;
+    lastVersion = version;
+    lastTarget = latin1(buf, targetStart, targetEnd);
+    lastLine = escapeForLog(latin1(buf, request.methodStart, end));
+  }
+  return lastLine;
 }
 
 /**

@@ -1602,10 +1602,13 @@ Deno.test("serve() logs every response of a pipelined batch, repeats included, i
   const runs: [string, number, number][] = [
     ["GET / HTTP/1.1", 3, 200],
     ["GET /x HTTP/1.1", 1, 404],
+    ["GET /y HTTP/1.1", 2, 404],
     ["GET / HTTP/1.1", 1500, 200],
+    ["GET / HTTP/1.0", 2, 200],
     ["HEAD / HTTP/1.1", 2, 200],
     ["GET /x HTTP/1.1", 700, 404],
     ["GET / HTTP/1.1", 1, 200],
+    ["BREW / HTTP/1.1", 1, 501], // refused: the connection closes
   ];
   const expected = runs.flatMap(([line, count, status]) =>
     Array.from({ length: count }, () => ({ request: line, status }))
@@ -1616,8 +1619,9 @@ Deno.test("serve() logs every response of a pipelined batch, repeats included, i
       const client = await Client.open(server);
       try {
         await client.send(
-          expected.map(({ request }) => `${request}\r\nHost: x\r\n\r\n`)
-            .join(""),
+          expected.map(({ request }) =>
+            `${request}\r\nHost: x\r\nConnection: keep-alive\r\n\r\n`
+          ).join(""),
         );
         for (const { request, status } of expected) {
           const reply = await client.response({
@@ -1628,6 +1632,9 @@ Deno.test("serve() logs every response of a pipelined batch, repeats included, i
       } finally {
         client.close();
       }
+      // Another unknown method, on another connection, to the same target.
+      await assertRejected(server, "PURR / HTTP/1.1\r\nHost: x\r\n\r\n", 501);
+      expected.push({ request: "PURR / HTTP/1.1", status: 501 });
     },
   );
   assert.ok(batches.length > 1, `${batches.length} batch(es)`);

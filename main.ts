@@ -1100,24 +1100,43 @@ export function parseRequest(
   // The parsers below stop at every CRLF and never read past an empty line,
   // so when the bytes end with one (a head, or a pipelined batch of them,
   // read whole: the usual case) a complete head is certain and each byte is
-  // scanned once. Otherwise the end of the head is found first.
-  const line = p;
-  if (!endsWithEmptyLine(buf, line, end)) {
-    const headEnd = findHeadEnd(buf, line, end);
-    if (headEnd === INCOMPLETE) {
-      return end - start >= limits.maxHead
-        ? -oversizeStatus(buf, line, end, limits)
-        : INCOMPLETE;
-    }
-    if (headEnd < 0) return headEnd;
+  // scanned once. Only a head that parses within the size limit is taken so:
+  // any other verdict is the scanning path's, whose checks come first.
+  if (endsWithEmptyLine(buf, p, end)) {
+    const parsed = parseHead(buf, p, request, limits);
+    if (parsed > 0 && parsed - start <= limits.maxHead) return parsed - start;
+    request.reset();
   }
-  p = parseRequestLine(buf, line, request, limits);
+  const headEnd = findHeadEnd(buf, p, end);
+  if (headEnd === INCOMPLETE) {
+    return end - start >= limits.maxHead
+      ? -oversizeStatus(buf, p, end, limits)
+      : INCOMPLETE;
+  }
+  if (headEnd < 0) return headEnd;
+  if (headEnd - start > limits.maxHead) {
+    return -oversizeStatus(buf, p, end, limits);
+  }
+  const parsed = parseHead(buf, p, request, limits);
+  return parsed < 0 ? parsed : headEnd - start;
+}
+
+/**
+ * The request line, the fields and the framing they imply.
+ * @returns The offset past the head's empty line, or minus an error status.
+ */
+function parseHead(
+  buf: Uint8Array,
+  p: number,
+  request: RequestHead,
+  limits: ParseLimits,
+): number {
+  p = parseRequestLine(buf, p, request, limits);
   if (p < 0) return p;
   p = parseFields(buf, p, request, limits);
   if (p < 0) return p;
-  if (p - start > limits.maxHead) return -oversizeStatus(buf, line, p, limits);
   const status = checkFraming(request, limits);
-  return status ? -status : p - start;
+  return status ? -status : p;
 }
 
 /** Whether `buf[p, end)` is more than an empty line, and ends with one. */

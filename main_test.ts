@@ -1145,7 +1145,7 @@ Deno.test("parseRequest() returns minus the status for bad input", () => {
   );
 });
 
-Deno.test("parseRequest() reads nothing past the bytes it is given", () => {
+Deno.test("parseRequest() gives one verdict, in one pass or after a scan, reading nothing past the end", () => {
   // A head that ends the bytes is parsed in one pass; any other is first
   // scanned for its end. Both must give the same verdict, whatever stale
   // bytes lie in the buffer beyond `end`.
@@ -1174,17 +1174,37 @@ Deno.test("parseRequest() reads nothing past the bytes it is given", () => {
     "\n\r\n\r\n",
     "X\r\n\r\n",
     "\r\n\r\n\r\n",
+    // Two faults in one head: the scan's verdict (a bare LF is 400) comes
+    // first, whichever fault a parser would meet first.
+    "GET / HTTP/2.0\r\nHost: a\nX: y\r\n\r\n",
+    "GET / HTTP/1.1\r\nHost: x\r\nExpect: nope\r\nX: a\nb\r\n\r\n",
+    // Over the small limits below: 431 before the field's own fault.
+    `GET / HTTP/1.1\r\nHost: x\r\nExpect: nope\r\nX: ${"a".repeat(80)}\r\n\r\n`,
+    `GET /${"a".repeat(80)} HTTP/1.1\r\nHost: x\r\n\r\n`,
   ];
+  const small = { maxTarget: 40, maxHead: 64, maxFields: 100, maxBody: 1024 };
   const stale = ["\r\n\r\n", "Host: y\r\n\r\n", " HTTP/1.1\r\n\r\n", "\nX"];
-  for (const head of heads) {
-    const request = new RequestHead();
-    const scanned = parseRequest(latin1(head + "G"), 0, head.length, request);
-    const fields = request.fieldCount;
-    for (const after of stale) {
-      const once = new RequestHead();
-      const verdict = parseRequest(latin1(head + after), 0, head.length, once);
-      assert.equal(verdict, scanned, JSON.stringify(head + after));
-      assert.equal(once.fieldCount, fields, JSON.stringify(head + after));
+  for (const limits of [undefined, small]) {
+    for (const head of heads) {
+      // One byte more, and the bytes no longer end with the empty line: the
+      // head's end is scanned for first.
+      const request = new RequestHead();
+      const bytes = latin1(head + "G");
+      const scanned = parseRequest(bytes, 0, bytes.length, request, limits);
+      const fields = request.fieldCount;
+      for (const after of stale) {
+        const once = new RequestHead();
+        const verdict = parseRequest(
+          latin1(head + after),
+          0,
+          head.length,
+          once,
+          limits,
+        );
+        const what = `${JSON.stringify(head + after)}, ${limits?.maxHead}`;
+        assert.equal(verdict, scanned, what);
+        assert.equal(once.fieldCount, fields, what);
+      }
     }
   }
 });

@@ -217,9 +217,12 @@ const LINGER_TIME = 2;
 /** On shutdown, how long a new connection may still send its first request. */
 const SHUTDOWN_GRACE = 1;
 /**
- * Access log bytes gathered before a write is started: what a Linux pipe
- * holds. Each write to stdout costs Deno a blocking thread's turn (about
- * 11 µs of CPU here, however small the write), so fewer, larger ones.
+ * The access log bytes one write to stdout carries while stdout keeps up: what
+ * a Linux pipe holds. Each write costs Deno a blocking thread's turn (about
+ * 11 µs of CPU here, however small the write), so few and large ones. But a
+ * write even one line larger than the pipe waits for the reader partway
+ * through, and that second turn doubled the log's thread switches when
+ * pipelined.
  */
 const LOG_BATCH = 64 * 1024;
 /** The largest access log buffer kept for the next batch. */
@@ -4060,12 +4063,17 @@ class AccessLog {
         sent,
       };
     }
+    if (this.#full()) this.flush();
     this.#repeats++;
-    if (this.#pending() >= LOG_BATCH) this.flush();
   }
 
   #pending(): number {
     return this.#used + this.#repeats * this.#last.bytes.length;
+  }
+
+  /** Whether the last line, counted once more, would not fit in a batch. */
+  #full(): boolean {
+    return this.#pending() + this.#last.bytes.length > LOG_BATCH;
   }
 
   /** Copies the repeats owed into the buffer, dropping those past the bound. */
@@ -4126,7 +4134,7 @@ class AccessLog {
       // slow write would grow another.
       if (buffer.length <= MAX_KEPT_LOG) this.#spare = buffer;
       this.#writing = null;
-      if (this.#pending() >= LOG_BATCH) this.flush();
+      if (this.#full()) this.flush();
     });
   }
 

@@ -1614,7 +1614,7 @@ Deno.test("serve() escapes quotes, backslashes and control bytes in the access l
   assert.equal(requests[0], String.raw`GET /say\"hi\"\\now HTTP/1.1`);
 });
 
-Deno.test("serve() logs every response of a pipelined batch, repeats included, in order", async () => {
+Deno.test("serve() logs every response of a pipelined batch, repeats included, in order, in batches a pipe holds", async () => {
   const batches: string[] = [];
   // Repeated lines are counted and copied out when a batch is written: runs
   // of them, broken by other lines, across several batches, must all come
@@ -1658,6 +1658,13 @@ Deno.test("serve() logs every response of a pipelined batch, repeats included, i
     },
   );
   assert.ok(batches.length > 1, `${batches.length} batch(es)`);
+  // A batch is one write to stdout: whole lines, and no more than a Linux pipe
+  // holds (64 KiB), or the write waits for the reader partway through.
+  for (const batch of batches) {
+    assert.ok(batch.endsWith("\n"), JSON.stringify(batch.slice(-80)));
+    const bytes = encoder.encode(batch).length;
+    assert.ok(bytes <= 64 * 1024, `a batch of ${bytes} bytes`);
+  }
   const logged = logLines(batches).map((line) => {
     const { request, status } = parseLogLine(line);
     return { request, status };

@@ -380,6 +380,8 @@ class ServerState {
   #drained: (() => void) | null = null;
   #ticker: ReturnType<typeof setInterval>;
   #forceTimer: ReturnType<typeof setTimeout> | undefined;
+  /** When shutdown() gives up on busy connections (ms). */
+  #deadline = Infinity;
 
   constructor(
     readonly listener: Listener,
@@ -431,7 +433,11 @@ class ServerState {
     }
     clearInterval(this.#ticker);
     clearTimeout(this.#forceTimer);
-    await this.log?.close();
+    // The log may take what is left of the shutdown timeout, and a grace
+    // after it; a stdout that nobody reads any more must not hold the exit.
+    await this.log?.close(
+      Math.max(this.#deadline, Date.now() + SHUTDOWN_GRACE * 1000),
+    );
   }
 
   /** The pool's `Drop`: stop accepting, close the idle, wait for the busy. */
@@ -455,6 +461,7 @@ class ServerState {
           );
         }
       }
+      this.#deadline = Date.now() + this.limits.shutdownTimeout * 1000;
       this.#forceTimer = setTimeout(() => {
         for (const connection of this.connections) {
           this.forced++;
@@ -4031,6 +4038,8 @@ class AccessLog {
   /** The other buffer, while it is not being written. */
   #spare: Uint8Array<ArrayBuffer> | null = null;
   #writing: Promise<void> | null = null;
+  /** The batch being written. */
+  #inFlight = EMPTY;
   #dropped = 0;
 
   constructor(readonly sink: true | ((lines: string) => void)) {}
@@ -4129,7 +4138,9 @@ class AccessLog {
     // The next lines go to the other buffer while this one is written.
     this.#buffer = this.#spare ?? new Uint8Array(2 * LOG_BATCH);
     this.#spare = null;
+    this.#inFlight = bytes;
     this.#writing = writeStdout(bytes).then(() => {
+      this.#inFlight = EMPTY;
       // One grown while stdout was slow is kept too, up to a bound: the next
       // slow write would grow another.
       if (buffer.length <= MAX_KEPT_LOG) this.#spare = buffer;
@@ -4138,22 +4149,66 @@ class AccessLog {
     });
   }
 
-  /** Writes everything still buffered. */
-  async close(): Promise<void> {
+  /**
+   * Writes everything still buffered. Past `until` (ms), stdout is taken to
+   * be stuck: what is still held, and the batch under way, are counted on
+   * stderr instead (some of that batch may have been written).
+   */
+  async close(until: number): Promise<void> {
     while (this.#writing || this.#pending() > 0) {
       this.flush();
-      await this.#writing;
+      if (!this.#writing) continue;
+      if (!await settlesWithin(this.#writing, until - Date.now())) {
+        return this.#giveUp();
+      }
     }
+  }
+
+  /** Counts on stderr the lines stdout never took, and holds them no more. */
+  async #giveUp(): Promise<void> {
+    let lines = this.#dropped + this.#repeats;
+    for (const held of [this.#inFlight, this.#buffer.subarray(0, this.#used)]) {
+      for (const byte of held) if (byte === LF) lines++;
+    }
+    this.#used = this.#repeats = this.#dropped = 0;
+    stdoutStuck = true;
+    const note = `access log: stdout blocked at shutdown, up to ${lines} ` +
+      `lines not written\n`;
+    await settlesWithin(
+      writeAll(Deno.stderr, encoder.encode(note)),
+      SHUTDOWN_GRACE * 1000,
+    );
   }
 }
 
 let stdoutWritten: Promise<void> = Promise.resolve();
+/** Set when the log gave up on a write at shutdown: nothing more will go. */
+let stdoutStuck = false;
 
 /** Writes bytes to stdout after everything written before it. */
 function writeStdout(bytes: Uint8Array): Promise<void> {
   stdoutWritten = stdoutWritten.then(() => writeAll(Deno.stdout, bytes))
     .catch(() => {/* stdout closed: the log is lost, the server is not */});
   return stdoutWritten;
+}
+
+/** Whether `promise` settles within `ms`: a write to a stuck pipe never does. */
+async function settlesWithin(
+  promise: Promise<unknown>,
+  ms: number,
+): Promise<boolean> {
+  const settled = promise.then(() => true, () => true);
+  // A timer's delay is a 32-bit count of ms: a longer one would fire at once.
+  if (!(ms < 2 ** 31)) return settled;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<boolean>((resolve) => {
+    timer = setTimeout(() => resolve(false), Math.max(0, ms));
+  });
+  try {
+    return await Promise.race([settled, late]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -4357,16 +4412,18 @@ async function main(args: string[] = Deno.args): Promise<void> {
     ? await serveWithWorkers(options, settings.workers!, listening)
     : await serveHere(options, listening);
   await redirect?.finished;
-  await stdoutWritten;
+  // The last lines go after the log's, and like them may find stdout stuck
+  // for good (its reader gone, the pipe full): the exit waits for them no
+  // longer than the shutdown timeout.
+  const timeout = options.shutdownTimeout ?? DEFAULTS.shutdownTimeout;
   if (forced > 0) {
-    console.log(
-      `Closed ${forced} busy connection(s) at the ` +
-        `${
-          options.shutdownTimeout ?? DEFAULTS.shutdownTimeout
-        } s shutdown timeout.`,
-    );
+    writeStdout(encoder.encode(
+      `Closed ${forced} busy connection(s) at the ${timeout} s shutdown ` +
+        `timeout.\n`,
+    ));
   }
-  console.log("Shutting down.");
+  writeStdout(encoder.encode("Shutting down.\n"));
+  if (!stdoutStuck) await settlesWithin(stdoutWritten, timeout * 1000);
   Deno.exit(0);
 }
 

@@ -968,6 +968,67 @@ Deno.test("a blocked stdout: every request answered, every log line written or c
   );
 });
 
+Deno.test("a stdout blocked for good: SIGTERM still ends the server, and the lines it gave up on are counted on stderr", async () => {
+  const child = new Deno.Command("bash", {
+    args: ["-c", 'exec "$@"', "bash", DENO, "run", "--allow-net", "main.ts"]
+      .concat(["--port", "0", "--shutdown-timeout", "1"]),
+    cwd: ROOT,
+    env: { DENO_NO_UPDATE_CHECK: "1" },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stdout = child.stdout.getReader();
+  const stderr = new Response(child.stderr).text();
+  try {
+    let text = "";
+    while (!text.includes("\n")) {
+      const { value } = await within(stdout.read(), 30_000, "server start");
+      assert.ok(value, "stdout ended before the listening line");
+      text += decoder.decode(value);
+    }
+    const port = Number(/:(\d+)\//.exec(text)?.[1]);
+    // 5,000 lines of about 70 bytes: more than a pipe holds, so the log's
+    // write blocks, and nothing reads stdout again.
+    const request = encoder.encode("GET /x HTTP/1.1\r\nHost: x\r\n\r\n");
+    const count = 5000;
+    const many = new Uint8Array(request.length * count);
+    for (let i = 0; i < count; i++) many.set(request, i * request.length);
+    const conn = await Deno.connect({ hostname: HOST, port });
+    try {
+      await conn.write(request);
+      const { bytes: size } = await readResponses(conn, 1, 0);
+      await conn.write(many);
+      await within(readResponses(conn, count, size), 30_000, "the answers");
+    } finally {
+      conn.close();
+    }
+    // Without a bound on the log's last write, this never exits.
+    const signalled = performance.now();
+    child.kill("SIGTERM");
+    const { code } = await within(child.status, 20_000, "the server's exit");
+    const seconds = (performance.now() - signalled) / 1000;
+    assert.equal(code, 0);
+    const said = await within(stderr, 5_000, "stderr");
+    const lost =
+      /access log: stdout blocked at shutdown, up to (\d+) lines not written/
+        .exec(said);
+    assert.ok(lost, said);
+    assert.ok(Number(lost[1]) > 0, said);
+    console.log(
+      `stdout blocked for good: exit 0 ${seconds.toFixed(2)} s after ` +
+        `SIGTERM, up to ${lost[1]} lines counted on stderr`,
+    );
+  } finally {
+    try {
+      child.kill("SIGKILL");
+    } catch { /* already exited */ }
+    await child.status;
+    await stdout.cancel().catch(() => {});
+    await stderr.catch(() => {});
+  }
+});
+
 /**
  * Reads `count` responses of `size` bytes each (or, with size 0, one
  * response framed by its Content-Length).

@@ -216,13 +216,14 @@ const MAX_DISCARD = 256 * 1024;
 const LINGER_TIME = 2;
 /** On shutdown, how long a new connection may still send its first request. */
 const SHUTDOWN_GRACE = 1;
+/** setTimeout()'s longest delay (ms): a longer one wraps, and fires at once. */
+const MAX_DELAY = 2 ** 31 - 1;
 /**
- * The access log bytes one write to stdout carries while stdout keeps up: what
- * a Linux pipe holds. Each write costs Deno a blocking thread's turn (about
- * 11 µs of CPU here, however small the write), so few and large ones. But a
- * write even one line larger than the pipe waits for the reader partway
- * through, and that second turn doubled the log's thread switches when
- * pipelined.
+ * An access log batch, and the most one write to stdout carries: what a Linux
+ * pipe holds. Each write costs Deno a blocking thread's turn (about 11 µs of
+ * CPU here, however small the write), so few and large ones. But a write even
+ * one line larger than the pipe waits for the reader partway through, and that
+ * second turn doubled the log's thread switches when pipelined.
  */
 const LOG_BATCH = 64 * 1024;
 /** The largest access log buffer kept for the next batch. */
@@ -380,8 +381,6 @@ class ServerState {
   #drained: (() => void) | null = null;
   #ticker: ReturnType<typeof setInterval>;
   #forceTimer: ReturnType<typeof setTimeout> | undefined;
-  /** When shutdown() gives up on busy connections (ms). */
-  #deadline = Infinity;
 
   constructor(
     readonly listener: Listener,
@@ -433,10 +432,9 @@ class ServerState {
     }
     clearInterval(this.#ticker);
     clearTimeout(this.#forceTimer);
-    // The log may take what is left of the shutdown timeout, and a grace
-    // after it; a stdout that nobody reads any more must not hold the exit.
+    // A slow reader of the log is waited for, a gone one is not.
     await this.log?.close(
-      Math.max(this.#deadline, Date.now() + SHUTDOWN_GRACE * 1000),
+      Math.max(this.limits.shutdownTimeout, SHUTDOWN_GRACE) * 1000,
     );
   }
 
@@ -461,13 +459,12 @@ class ServerState {
           );
         }
       }
-      this.#deadline = Date.now() + this.limits.shutdownTimeout * 1000;
       this.#forceTimer = setTimeout(() => {
         for (const connection of this.connections) {
           this.forced++;
           connection.close();
         }
-      }, this.limits.shutdownTimeout * 1000);
+      }, Math.min(this.limits.shutdownTimeout * 1000, MAX_DELAY));
     }
     return this.finished;
   }
@@ -611,7 +608,7 @@ class Connection {
   sleep(ms: number): Promise<void> {
     return new Promise((resolve) => {
       this.#wake = resolve;
-      this.#sleeper = setTimeout(resolve, ms);
+      this.#sleeper = setTimeout(resolve, Math.min(ms, MAX_DELAY));
     });
   }
 
@@ -4038,8 +4035,6 @@ class AccessLog {
   /** The other buffer, while it is not being written. */
   #spare: Uint8Array<ArrayBuffer> | null = null;
   #writing: Promise<void> | null = null;
-  /** The batch being written. */
-  #inFlight = EMPTY;
   #dropped = 0;
 
   constructor(readonly sink: true | ((lines: string) => void)) {}
@@ -4072,7 +4067,7 @@ class AccessLog {
         sent,
       };
     }
-    if (this.#full()) this.flush();
+    if (this.#noRoom()) this.flush();
     this.#repeats++;
   }
 
@@ -4080,8 +4075,8 @@ class AccessLog {
     return this.#used + this.#repeats * this.#last.bytes.length;
   }
 
-  /** Whether the last line, counted once more, would not fit in a batch. */
-  #full(): boolean {
+  /** Whether one more copy of the last line would not fit in a batch. */
+  #noRoom(): boolean {
     return this.#pending() + this.#last.bytes.length > LOG_BATCH;
   }
 
@@ -4120,11 +4115,16 @@ class AccessLog {
 
   /** Starts writing what is buffered, unless a write is under way. */
   flush(): void {
-    if (this.#writing) return;
+    if (!this.#writing) this.#send();
+  }
+
+  /** Hands what is buffered to the sink, behind any write under way. */
+  #send(): void {
     this.#settle();
-    if (this.#dropped > 0) {
+    const dropped = this.#dropped;
+    if (dropped > 0) {
       const note = encoder.encode(
-        `(access log: ${this.#dropped} lines dropped, stdout blocked)\n`,
+        `(access log: ${dropped} lines dropped, stdout blocked)\n`,
       );
       const at = this.#reserve(note.length); // it may replace the buffer
       this.#buffer.set(note, at);
@@ -4138,58 +4138,83 @@ class AccessLog {
     // The next lines go to the other buffer while this one is written.
     this.#buffer = this.#spare ?? new Uint8Array(2 * LOG_BATCH);
     this.#spare = null;
-    this.#inFlight = bytes;
-    this.#writing = writeStdout(bytes).then(() => {
-      this.#inFlight = EMPTY;
+    this.#writing = writeStdout(bytes, dropped).then(() => {
       // One grown while stdout was slow is kept too, up to a bound: the next
       // slow write would grow another.
       if (buffer.length <= MAX_KEPT_LOG) this.#spare = buffer;
       this.#writing = null;
-      if (this.#full()) this.flush();
+      if (this.#noRoom()) this.flush();
     });
   }
 
-  /**
-   * Writes everything still buffered. Past `until` (ms), stdout is taken to
-   * be stuck: what is still held, and the batch under way, are counted on
-   * stderr instead (some of that batch may have been written).
-   */
-  async close(until: number): Promise<void> {
-    while (this.#writing || this.#pending() > 0) {
-      this.flush();
-      if (!this.#writing) continue;
-      if (!await settlesWithin(this.#writing, until - Date.now())) {
-        return this.#giveUp();
-      }
-    }
+  /** Hands everything still held to stdout, and waits for it: drainStdout(). */
+  async close(patience: number): Promise<void> {
+    this.#send();
+    if (this.sink === true) await drainStdout(patience);
   }
+}
 
-  /** Counts on stderr the lines stdout never took, and holds them no more. */
-  async #giveUp(): Promise<void> {
-    let lines = this.#dropped + this.#repeats;
-    for (const held of [this.#inFlight, this.#buffer.subarray(0, this.#used)]) {
-      for (const byte of held) if (byte === LF) lines++;
+// ---------------------------------------------------------------------------
+// stdout: the log's batches and the command line's last lines, in order
+// ---------------------------------------------------------------------------
+
+/** What stdout has yet to take, oldest first; the first may be part written. */
+const stdoutQueue: { bytes: Uint8Array; written: number; dropped: number }[] =
+  [];
+let stdoutWritten: Promise<void> = Promise.resolve();
+/** Counts completed writes: how a wait tells a slow reader from none. */
+let stdoutProgress = 0;
+/** Set once stdout took nothing for a whole wait: later waits do not wait. */
+let stdoutGone = false;
+
+/**
+ * Writes bytes to stdout after everything queued before them, at most a
+ * pipe's worth (LOG_BATCH) per write, so that a slow reader is seen to make
+ * progress. `dropped` is the count a drop note ending the bytes stands for.
+ */
+function writeStdout(bytes: Uint8Array, dropped = 0): Promise<void> {
+  const entry = { bytes, written: 0, dropped };
+  stdoutQueue.push(entry);
+  stdoutWritten = stdoutWritten.then(async () => {
+    while (entry.written < bytes.length) {
+      const end = Math.min(bytes.length, entry.written + LOG_BATCH);
+      entry.written += await Deno.stdout.write(
+        bytes.subarray(entry.written, end),
+      );
+      stdoutProgress++;
     }
-    this.#used = this.#repeats = this.#dropped = 0;
-    stdoutStuck = true;
-    const note = `access log: stdout blocked at shutdown, up to ${lines} ` +
-      `lines not written\n`;
+  }).catch(() => {/* stdout closed: the log is lost, the server is not */})
+    .then(() => {
+      stdoutQueue.shift();
+    });
+  return stdoutWritten;
+}
+
+/**
+ * Waits until stdout has taken everything queued. A reader that is slow but
+ * alive is waited for; one that takes nothing for `patience` ms is taken to
+ * be gone (the pipe full, nobody reading), and the lines it never took are
+ * counted on stderr instead: a shutdown must not wait for it forever.
+ */
+async function drainStdout(patience: number): Promise<void> {
+  while (!stdoutGone) {
+    const progress = stdoutProgress;
+    if (await settlesWithin(stdoutWritten, patience)) return;
+    if (stdoutProgress !== progress) continue;
+    stdoutGone = true;
+    // Up to: the write under way may have put some of its lines through.
+    let lines = 0;
+    for (const { bytes, written, dropped } of stdoutQueue) {
+      for (let i = written; i < bytes.length; i++) if (bytes[i] === LF) lines++;
+      lines += Math.max(0, dropped - 1);
+    }
+    const note = `stdout blocked at shutdown: up to ${lines} lines not ` +
+      `written\n`;
     await settlesWithin(
       writeAll(Deno.stderr, encoder.encode(note)),
       SHUTDOWN_GRACE * 1000,
     );
   }
-}
-
-let stdoutWritten: Promise<void> = Promise.resolve();
-/** Set when the log gave up on a write at shutdown: nothing more will go. */
-let stdoutStuck = false;
-
-/** Writes bytes to stdout after everything written before it. */
-function writeStdout(bytes: Uint8Array): Promise<void> {
-  stdoutWritten = stdoutWritten.then(() => writeAll(Deno.stdout, bytes))
-    .catch(() => {/* stdout closed: the log is lost, the server is not */});
-  return stdoutWritten;
 }
 
 /** Whether `promise` settles within `ms`: a write to a stuck pipe never does. */
@@ -4198,8 +4223,7 @@ async function settlesWithin(
   ms: number,
 ): Promise<boolean> {
   const settled = promise.then(() => true, () => true);
-  // A timer's delay is a 32-bit count of ms: a longer one would fire at once.
-  if (!(ms < 2 ** 31)) return settled;
+  if (!(ms <= MAX_DELAY)) return settled; // NaN too: no bound, wait
   let timer: ReturnType<typeof setTimeout> | undefined;
   const late = new Promise<boolean>((resolve) => {
     timer = setTimeout(() => resolve(false), Math.max(0, ms));
@@ -4412,9 +4436,8 @@ async function main(args: string[] = Deno.args): Promise<void> {
     ? await serveWithWorkers(options, settings.workers!, listening)
     : await serveHere(options, listening);
   await redirect?.finished;
-  // The last lines go after the log's, and like them may find stdout stuck
-  // for good (its reader gone, the pipe full): the exit waits for them no
-  // longer than the shutdown timeout.
+  // The last lines go after the log's, through the same queue: see
+  // drainStdout() for how long the exit waits for them.
   const timeout = options.shutdownTimeout ?? DEFAULTS.shutdownTimeout;
   if (forced > 0) {
     writeStdout(encoder.encode(
@@ -4423,7 +4446,7 @@ async function main(args: string[] = Deno.args): Promise<void> {
     ));
   }
   writeStdout(encoder.encode("Shutting down.\n"));
-  if (!stdoutStuck) await settlesWithin(stdoutWritten, timeout * 1000);
+  await drainStdout(Math.max(timeout, SHUTDOWN_GRACE) * 1000);
   Deno.exit(0);
 }
 

@@ -1010,9 +1010,8 @@ Deno.test("a stdout blocked for good: SIGTERM still ends the server, and the lin
     const seconds = (performance.now() - signalled) / 1000;
     assert.equal(code, 0);
     const said = await within(stderr, 5_000, "stderr");
-    const lost =
-      /access log: stdout blocked at shutdown, up to (\d+) lines not written/
-        .exec(said);
+    const lost = /stdout blocked at shutdown: up to (\d+) lines not written/
+      .exec(said);
     assert.ok(lost, said);
     assert.ok(Number(lost[1]) > 0, said);
     console.log(
@@ -1027,6 +1026,69 @@ Deno.test("a stdout blocked for good: SIGTERM still ends the server, and the lin
     await stdout.cancel().catch(() => {});
     await stderr.catch(() => {});
   }
+});
+
+Deno.test("a slow stdout: SIGTERM waits for every line, past the shutdown timeout, while the reader keeps reading", async () => {
+  const child = new Deno.Command("bash", {
+    args: ["-c", 'exec "$@"', "bash", DENO, "run", "--allow-net", "main.ts"]
+      .concat(["--port", "0", "--shutdown-timeout", "1"]),
+    cwd: ROOT,
+    env: { DENO_NO_UPDATE_CHECK: "1" },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  const stdout = child.stdout.getReader();
+  let text = "";
+  const count = 30_000;
+  try {
+    while (!text.includes("\n")) {
+      const { value } = await within(stdout.read(), 30_000, "server start");
+      assert.ok(value, "stdout ended before the listening line");
+      text += decoder.decode(value);
+    }
+    const port = Number(/:(\d+)\//.exec(text)?.[1]);
+    // 30,000 lines of about 70 bytes, 2 MB: held in full (the bound is 8
+    // MiB), and read at about 640 KB/s, so that draining them outlasts the
+    // 1 s shutdown timeout several times over.
+    const request = encoder.encode("GET /x HTTP/1.1\r\nHost: x\r\n\r\n");
+    const many = new Uint8Array(request.length * count);
+    for (let i = 0; i < count; i++) many.set(request, i * request.length);
+    const conn = await Deno.connect({ hostname: HOST, port });
+    try {
+      await conn.write(request);
+      const { bytes: size } = await readResponses(conn, 1, 0);
+      await conn.write(many);
+      await within(readResponses(conn, count, size), 30_000, "the answers");
+    } finally {
+      conn.close();
+    }
+    child.kill("SIGTERM");
+    await within(
+      (async () => {
+        for (;;) {
+          const { value, done } = await stdout.read();
+          if (done) return;
+          text += decoder.decode(value, { stream: true });
+          await new Promise((resolve) => setTimeout(resolve, 100));
+        }
+      })(),
+      60_000,
+      "stdout, read slowly",
+    );
+    const { code } = await within(child.status, 10_000, "the server's exit");
+    assert.equal(code, 0);
+  } finally {
+    try {
+      child.kill("SIGKILL");
+    } catch { /* already exited */ }
+    await child.status;
+    await stdout.cancel().catch(() => {});
+  }
+  const lines = text.trimEnd().split("\n");
+  const logged = lines.filter((line) => line.includes('"GET /x HTTP/1.1" 404'));
+  assert.equal(logged.length, 1 + count);
+  assert.equal(lines.at(-1), "Shutting down.");
 });
 
 /**

@@ -433,9 +433,7 @@ class ServerState {
     clearInterval(this.#ticker);
     clearTimeout(this.#forceTimer);
     // A slow reader of the log is waited for, a gone one is not.
-    await this.log?.close(
-      Math.max(this.limits.shutdownTimeout, SHUTDOWN_GRACE) * 1000,
-    );
+    await this.log?.close(this.limits.shutdownTimeout);
   }
 
   /** The pool's `Drop`: stop accepting, close the idle, wait for the busy. */
@@ -4158,9 +4156,15 @@ class AccessLog {
 // stdout: the log's batches and the command line's last lines, in order
 // ---------------------------------------------------------------------------
 
+/** Bytes queued for stdout; `dropped` as in writeStdout(). */
+interface Queued {
+  bytes: Uint8Array;
+  written: number;
+  dropped: number;
+}
+
 /** What stdout has yet to take, oldest first; the first may be part written. */
-const stdoutQueue: { bytes: Uint8Array; written: number; dropped: number }[] =
-  [];
+const stdoutQueue: Queued[] = [];
 let stdoutWritten: Promise<void> = Promise.resolve();
 /** Counts completed writes: how a wait tells a slow reader from none. */
 let stdoutProgress = 0;
@@ -4173,14 +4177,13 @@ let stdoutGone = false;
  * progress. `dropped` is the count a drop note ending the bytes stands for.
  */
 function writeStdout(bytes: Uint8Array, dropped = 0): Promise<void> {
-  const entry = { bytes, written: 0, dropped };
+  const entry: Queued = { bytes, written: 0, dropped };
   stdoutQueue.push(entry);
   stdoutWritten = stdoutWritten.then(async () => {
     while (entry.written < bytes.length) {
       const end = Math.min(bytes.length, entry.written + LOG_BATCH);
-      entry.written += await Deno.stdout.write(
-        bytes.subarray(entry.written, end),
-      );
+      await writeAll(Deno.stdout, bytes.subarray(entry.written, end));
+      entry.written = end;
       stdoutProgress++;
     }
   }).catch(() => {/* stdout closed: the log is lost, the server is not */})
@@ -4192,14 +4195,16 @@ function writeStdout(bytes: Uint8Array, dropped = 0): Promise<void> {
 
 /**
  * Waits until stdout has taken everything queued. A reader that is slow but
- * alive is waited for; one that takes nothing for `patience` ms is taken to
- * be gone (the pipe full, nobody reading), and the lines it never took are
- * counted on stderr instead: a shutdown must not wait for it forever.
+ * alive is waited for; one that takes nothing for `patience` s (at least
+ * SHUTDOWN_GRACE) is taken to be gone (the pipe full, nobody reading), and
+ * the lines it never took are counted on stderr instead: a shutdown must not
+ * wait for it forever.
  */
 async function drainStdout(patience: number): Promise<void> {
+  const ms = Math.max(patience, SHUTDOWN_GRACE) * 1000;
   while (!stdoutGone) {
     const progress = stdoutProgress;
-    if (await settlesWithin(stdoutWritten, patience)) return;
+    if (await settlesWithin(stdoutWritten, ms)) return;
     if (stdoutProgress !== progress) continue;
     stdoutGone = true;
     // Up to: the write under way may have put some of its lines through.
@@ -4446,7 +4451,7 @@ async function main(args: string[] = Deno.args): Promise<void> {
     ));
   }
   writeStdout(encoder.encode("Shutting down.\n"));
-  await drainStdout(Math.max(timeout, SHUTDOWN_GRACE) * 1000);
+  await drainStdout(timeout);
   Deno.exit(0);
 }
 

@@ -878,76 +878,30 @@ Deno.test("a port in use: one line naming the address, exit 1", async () => {
 // ---------------------------------------------------------------------------
 
 Deno.test("a blocked stdout: every request answered, every log line written or counted as dropped", async () => {
-  const child = new Deno.Command("bash", {
-    args: ["-c", 'exec "$@"', "bash", DENO, "run", "--allow-net", "main.ts"]
-      .concat(["--port", "0"]),
-    cwd: ROOT,
-    env: { DENO_NO_UPDATE_CHECK: "1" },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "inherit",
-  }).spawn();
-  const stdout = child.stdout.getReader();
-  let text = "";
+  const server = await startUndrained(["--port", "0"], "inherit");
+  let text = server.text;
   try {
-    // Read the listening line, then nothing more until every request has
-    // been answered: the pipe fills, the log's write blocks, and the lines
-    // behind it must wait in a bounded buffer (8 MiB), then be dropped.
-    while (!text.includes("\n")) {
-      const { value } = await within(stdout.read(), 30_000, "server start");
-      assert.ok(value, "stdout ended before the listening line");
-      text += decoder.decode(value);
-    }
-    const port = Number(/:(\d+)\//.exec(text)?.[1]);
-    const request = encoder.encode("GET /x HTTP/1.1\r\nHost: x\r\n\r\n");
-    const batch = 1000;
-    const batches = 200; // 200,000 lines of about 70 bytes: over 8 MiB
-    const conn = await Deno.connect({ hostname: HOST, port });
-    try {
-      // One response first, to learn its size (all 404s are alike).
-      await conn.write(request);
-      const first = await readResponses(conn, 1, 0);
-      const size = first.bytes;
-      const many = new Uint8Array(request.length * batch);
-      for (let i = 0; i < batch; i++) many.set(request, i * request.length);
-      const answered = await within(
-        (async () => {
-          let bytes = 0;
-          for (let i = 0; i < batches; i++) {
-            await conn.write(many);
-            bytes += (await readResponses(conn, batch, size)).bytes;
-          }
-          return bytes;
-        })(),
-        60_000,
-        "200,000 requests while stdout is blocked",
-      );
-      assert.equal(answered, batches * batch * size);
-    } finally {
-      conn.close();
-    }
-    // Now drain stdout, and stop the server: everything still held is written.
-    child.kill("SIGTERM");
-    const rest = within(
-      (async () => {
-        for (;;) {
-          const { value, done } = await stdout.read();
-          if (done) return;
-          text += decoder.decode(value, { stream: true });
-        }
-      })(),
-      30_000,
-      "the rest of stdout",
+    // Nothing more is read from stdout until every request has been
+    // answered: the pipe fills, the log's write blocks, and the lines behind
+    // it must wait in a bounded buffer (8 MiB), then be dropped. 200,000
+    // lines of about 70 bytes are over 8 MiB.
+    const { answered, size } = await within(
+      askMany(server.port, 1000, 200),
+      60_000,
+      "200,000 requests while stdout is blocked",
     );
-    await rest;
-    const { code } = await within(child.status, 30_000, "the server's exit");
+    assert.equal(answered, 200 * 1000 * size);
+    // Now drain stdout, and stop the server: everything still held is written.
+    server.child.kill("SIGTERM");
+    text += await within(readRest(server.stdout), 30_000, "the rest of stdout");
+    const { code } = await within(
+      server.child.status,
+      30_000,
+      "the server's exit",
+    );
     assert.equal(code, 0);
   } finally {
-    try {
-      child.kill("SIGKILL");
-    } catch { /* already exited */ }
-    await child.status;
-    await stdout.cancel().catch(() => {});
+    await stopUndrained(server);
   }
   const lines = text.trimEnd().split("\n").slice(1);
   const logged = lines.filter((line) => line.includes('"GET /x HTTP/1.1" 404'));
@@ -969,45 +923,24 @@ Deno.test("a blocked stdout: every request answered, every log line written or c
 });
 
 Deno.test("a stdout blocked for good: SIGTERM still ends the server, and the lines it gave up on are counted on stderr", async () => {
-  const child = new Deno.Command("bash", {
-    args: ["-c", 'exec "$@"', "bash", DENO, "run", "--allow-net", "main.ts"]
-      .concat(["--port", "0", "--shutdown-timeout", "1"]),
-    cwd: ROOT,
-    env: { DENO_NO_UPDATE_CHECK: "1" },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stdout = child.stdout.getReader();
-  const stderr = new Response(child.stderr).text();
+  const server = await startUndrained(
+    ["--port", "0", "--shutdown-timeout", "1"],
+    "piped",
+  );
+  const stderr = new Response(server.child.stderr).text();
   try {
-    let text = "";
-    while (!text.includes("\n")) {
-      const { value } = await within(stdout.read(), 30_000, "server start");
-      assert.ok(value, "stdout ended before the listening line");
-      text += decoder.decode(value);
-    }
-    const port = Number(/:(\d+)\//.exec(text)?.[1]);
     // 5,000 lines of about 70 bytes: more than a pipe holds, so the log's
     // write blocks, and nothing reads stdout again.
-    const request = encoder.encode("GET /x HTTP/1.1\r\nHost: x\r\n\r\n");
-    const count = 5000;
-    const many = new Uint8Array(request.length * count);
-    for (let i = 0; i < count; i++) many.set(request, i * request.length);
-    const conn = await Deno.connect({ hostname: HOST, port });
-    try {
-      await conn.write(request);
-      const { bytes: size } = await readResponses(conn, 1, 0);
-      await conn.write(many);
-      await within(readResponses(conn, count, size), 30_000, "the answers");
-    } finally {
-      conn.close();
-    }
+    await within(askMany(server.port, 5000), 30_000, "the answers");
     // Without a bound on the log's last write, this never exits.
     const signalled = performance.now();
-    child.kill("SIGTERM");
-    const { code } = await within(child.status, 20_000, "the server's exit");
-    const seconds = (performance.now() - signalled) / 1000;
+    server.child.kill("SIGTERM");
+    const { code } = await within(
+      server.child.status,
+      20_000,
+      "the server's exit",
+    );
+    const after = performance.now() - signalled;
     assert.equal(code, 0);
     const said = await within(stderr, 5_000, "stderr");
     const lost = /stdout blocked at shutdown: up to (\d+) lines not written/
@@ -1015,78 +948,44 @@ Deno.test("a stdout blocked for good: SIGTERM still ends the server, and the lin
     assert.ok(lost, said);
     assert.ok(Number(lost[1]) > 0, said);
     console.log(
-      `stdout blocked for good: exit 0 ${seconds.toFixed(2)} s after ` +
-        `SIGTERM, up to ${lost[1]} lines counted on stderr`,
+      `stdout blocked for good: exit 0 ${seconds(after)} after SIGTERM, ` +
+        `up to ${lost[1]} lines counted on stderr`,
     );
   } finally {
-    try {
-      child.kill("SIGKILL");
-    } catch { /* already exited */ }
-    await child.status;
-    await stdout.cancel().catch(() => {});
+    await stopUndrained(server);
     await stderr.catch(() => {});
   }
 });
 
 Deno.test("a slow stdout: SIGTERM waits for every line, past the shutdown timeout, while the reader keeps reading", async () => {
-  const child = new Deno.Command("bash", {
-    args: ["-c", 'exec "$@"', "bash", DENO, "run", "--allow-net", "main.ts"]
-      .concat(["--port", "0", "--shutdown-timeout", "1"]),
-    cwd: ROOT,
-    env: { DENO_NO_UPDATE_CHECK: "1" },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "inherit",
-  }).spawn();
-  const stdout = child.stdout.getReader();
-  let text = "";
+  const server = await startUndrained(
+    ["--port", "0", "--shutdown-timeout", "1"],
+    "inherit",
+  );
+  let text = server.text;
   const count = 30_000;
-  let seconds = 0;
+  let after = 0;
   try {
-    while (!text.includes("\n")) {
-      const { value } = await within(stdout.read(), 30_000, "server start");
-      assert.ok(value, "stdout ended before the listening line");
-      text += decoder.decode(value);
-    }
-    const port = Number(/:(\d+)\//.exec(text)?.[1]);
     // 30,000 lines of about 70 bytes, 2 MB: held in full (the bound is 8
-    // MiB), and read at about 640 KB/s, so that draining them outlasts the
-    // 1 s shutdown timeout several times over.
-    const request = encoder.encode("GET /x HTTP/1.1\r\nHost: x\r\n\r\n");
-    const many = new Uint8Array(request.length * count);
-    for (let i = 0; i < count; i++) many.set(request, i * request.length);
-    const conn = await Deno.connect({ hostname: HOST, port });
-    try {
-      await conn.write(request);
-      const { bytes: size } = await readResponses(conn, 1, 0);
-      await conn.write(many);
-      await within(readResponses(conn, count, size), 30_000, "the answers");
-    } finally {
-      conn.close();
-    }
+    // MiB), and read one chunk every 100 ms, so that draining them outlasts
+    // the 1 s shutdown timeout several times over.
+    await within(askMany(server.port, count), 30_000, "the answers");
     const signalled = performance.now();
-    child.kill("SIGTERM");
-    await within(
-      (async () => {
-        for (;;) {
-          const { value, done } = await stdout.read();
-          if (done) return;
-          text += decoder.decode(value, { stream: true });
-          await new Promise((resolve) => setTimeout(resolve, 100));
-        }
-      })(),
+    server.child.kill("SIGTERM");
+    text += await within(
+      readRest(server.stdout, 100),
       60_000,
       "stdout, read slowly",
     );
-    const { code } = await within(child.status, 10_000, "the server's exit");
-    seconds = (performance.now() - signalled) / 1000;
+    const { code } = await within(
+      server.child.status,
+      10_000,
+      "the server's exit",
+    );
+    after = performance.now() - signalled;
     assert.equal(code, 0);
   } finally {
-    try {
-      child.kill("SIGKILL");
-    } catch { /* already exited */ }
-    await child.status;
-    await stdout.cancel().catch(() => {});
+    await stopUndrained(server);
   }
   const lines = text.trimEnd().split("\n");
   const logged = lines.filter((line) => line.includes('"GET /x HTTP/1.1" 404'));
@@ -1094,9 +993,93 @@ Deno.test("a slow stdout: SIGTERM waits for every line, past the shutdown timeou
   assert.equal(lines.at(-1), "Shutting down.");
   console.log(
     `slow stdout: ${logged.length} lines, then "Shutting down.", exit 0 ` +
-      `${seconds.toFixed(2)} s after SIGTERM`,
+      `${seconds(after)} after SIGTERM`,
   );
 });
+
+/** A server whose stdout the test reads when it chooses, or never. */
+interface Undrained {
+  child: Deno.ChildProcess;
+  stdout: ReadableStreamDefaultReader<Uint8Array>;
+  port: number;
+  /** What was read of stdout to find the port: the listening line. */
+  text: string;
+}
+
+async function startUndrained(
+  flags: string[],
+  stderr: "inherit" | "piped",
+): Promise<Undrained> {
+  const child = new Deno.Command("bash", {
+    args: ["-c", 'exec "$@"', "bash", DENO, "run", "--allow-net", "main.ts"]
+      .concat(flags),
+    cwd: ROOT,
+    env: { DENO_NO_UPDATE_CHECK: "1" },
+    stdin: "null",
+    stdout: "piped",
+    stderr,
+  }).spawn();
+  const stdout = child.stdout.getReader();
+  let text = "";
+  while (!text.includes("\n")) {
+    const { value } = await within(stdout.read(), 30_000, "server start");
+    assert.ok(value, "stdout ended before the listening line");
+    text += decoder.decode(value);
+  }
+  const port = Number(/:(\d+)\//.exec(text)?.[1]);
+  return { child, stdout, port, text };
+}
+
+async function stopUndrained({ child, stdout }: Undrained): Promise<void> {
+  try {
+    child.kill("SIGKILL");
+  } catch { /* already exited */ }
+  await child.status;
+  await stdout.cancel().catch(() => {});
+}
+
+/** Reads stdout to its end, pausing `pause` ms after each chunk. */
+async function readRest(
+  stdout: ReadableStreamDefaultReader<Uint8Array>,
+  pause = 0,
+): Promise<string> {
+  const lines = new TextDecoder();
+  let text = "";
+  for (;;) {
+    const { value, done } = await stdout.read();
+    if (done) return text + lines.decode();
+    text += lines.decode(value, { stream: true });
+    if (pause > 0) await delay(pause);
+  }
+}
+
+/**
+ * On one connection: one `GET /x` alone, to learn the size of its 404, then
+ * `rounds` batches of `count` pipelined, each read in full before the next.
+ * @returns The bytes answered to the batches, and the size of one answer.
+ */
+async function askMany(
+  port: number,
+  count: number,
+  rounds = 1,
+): Promise<{ answered: number; size: number }> {
+  const request = encoder.encode("GET /x HTTP/1.1\r\nHost: x\r\n\r\n");
+  const many = new Uint8Array(request.length * count);
+  for (let i = 0; i < count; i++) many.set(request, i * request.length);
+  const conn = await Deno.connect({ hostname: HOST, port });
+  try {
+    await conn.write(request);
+    const { bytes: size } = await readResponses(conn, 1, 0);
+    let answered = 0;
+    for (let i = 0; i < rounds; i++) {
+      await conn.write(many);
+      answered += (await readResponses(conn, count, size)).bytes;
+    }
+    return { answered, size };
+  } finally {
+    conn.close();
+  }
+}
 
 /**
  * Reads `count` responses of `size` bytes each (or, with size 0, one

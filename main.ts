@@ -983,8 +983,14 @@ export class RequestHead {
   hostStart = 0;
   /** Where the Host field's value ends; 0 without one. */
   hostEnd = 0;
-  /** Each field line as four offsets: name start and end, value start and end. */
-  fields = new Int32Array(4 * DEFAULTS.maxFields);
+  /**
+   * Each field line as four offsets: name start and end, value start and end.
+   * A plain array, grown as fields arrive: a typed array for the most fields
+   * allowed cost every connection an allocation of 1.6 KB (0.8 µs of each
+   * `Connection: close` request, in CPU profiles) for the few fields most
+   * requests have.
+   */
+  fields: number[] = [];
   /** How many field lines {@linkcode RequestHead.fields} holds. */
   fieldCount = 0;
   /** Where the request line ends (before its CRLF); 0 until it has parsed. */
@@ -1293,11 +1299,6 @@ function parseFields(
     ) valueEnd--;
     if (request) {
       const at = 4 * request.fieldCount++;
-      if (at === request.fields.length) {
-        const more = new Int32Array(2 * at);
-        more.set(request.fields);
-        request.fields = more;
-      }
       const fields = request.fields;
       fields[at] = nameStart;
       fields[at + 1] = nameEnd;

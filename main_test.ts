@@ -1785,6 +1785,32 @@ Deno.test("serve() gives the handler a real Request: URL, method, every field", 
   });
 });
 
+Deno.test("serve() gives the handler all 99 fields of a head, then only the next head's own", async () => {
+  const counts: number[] = [];
+  await withHandler({}, (request) => {
+    counts.push([...request.headers].length);
+    return new Response(request.headers.get("x-f98") ?? "none");
+  }, async (server) => {
+    const client = await Client.open(server);
+    try {
+      const many = Array.from({ length: 98 }, (_, i) => `X-F${i}: v${i}\r\n`);
+      await client.send(
+        `GET / HTTP/1.1\r\nHost: x\r\n${many.join("")}\r\n` +
+          "GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+      );
+      assert.equal((await client.response())?.text, "none");
+      assert.equal((await client.response())?.text, "none");
+      await client.send(
+        `GET / HTTP/1.1\r\nHost: x\r\n${many.join("")}X-F98: last\r\n\r\n`,
+      );
+      assert.equal((await client.response())?.text, "last");
+      assert.deepEqual(counts, [99, 1, 100]);
+    } finally {
+      client.close();
+    }
+  });
+});
+
 Deno.test("serve() streams a request body to the handler as it arrives", async () => {
   let first = Promise.withResolvers<string>();
   await withHandler({}, async (request) => {

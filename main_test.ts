@@ -1793,15 +1793,16 @@ Deno.test("serve() gives the handler all 99 fields of a head, then only the next
   }, async (server) => {
     const client = await Client.open(server);
     try {
-      const many = Array.from({ length: 98 }, (_, i) => `X-F${i}: v${i}\r\n`);
+      const many = Array.from({ length: 98 }, (_, i) => `X-F${i}: v${i}\r\n`)
+        .join("");
       await client.send(
-        `GET / HTTP/1.1\r\nHost: x\r\n${many.join("")}\r\n` +
+        `GET / HTTP/1.1\r\nHost: x\r\n${many}\r\n` +
           "GET / HTTP/1.1\r\nHost: x\r\n\r\n",
       );
       assert.equal((await client.response())?.text, "none");
       assert.equal((await client.response())?.text, "none");
       await client.send(
-        `GET / HTTP/1.1\r\nHost: x\r\n${many.join("")}X-F98: last\r\n\r\n`,
+        `GET / HTTP/1.1\r\nHost: x\r\n${many}X-F98: last\r\n\r\n`,
       );
       assert.equal((await client.response())?.text, "last");
       assert.deepEqual(counts, [99, 1, 100]);

@@ -4122,9 +4122,7 @@ class AccessLog {
     this.#settle();
     const dropped = this.#dropped;
     if (dropped > 0) {
-      const note = encoder.encode(
-        `(access log: ${dropped} lines dropped, stdout blocked)\n`,
-      );
+      const note = encoder.encode(dropNote(dropped));
       const at = this.#reserve(note.length); // it may replace the buffer
       this.#buffer.set(note, at);
       this.#dropped = 0;
@@ -4167,6 +4165,8 @@ interface Queued {
 /** What stdout has yet to take, oldest first; the first may be part written. */
 const stdoutQueue: Queued[] = [];
 let stdoutWritten: Promise<void> = Promise.resolve();
+/** Bytes queued for stdout and not yet taken: what a stuck reader holds up. */
+let stdoutBacklog = 0;
 /** Counts completed writes: how a wait tells a slow reader from none. */
 let stdoutProgress = 0;
 /** Set once stdout took nothing for a whole wait: later waits do not wait. */
@@ -4180,6 +4180,7 @@ let stdoutGone = false;
 function writeStdout(bytes: Uint8Array, dropped = 0): Promise<void> {
   const entry: Queued = { bytes, written: 0, dropped };
   stdoutQueue.push(entry);
+  stdoutBacklog += bytes.length;
   stdoutWritten = stdoutWritten.then(async () => {
     while (entry.written < bytes.length) {
       const end = Math.min(bytes.length, entry.written + LOG_BATCH);
@@ -4190,8 +4191,42 @@ function writeStdout(bytes: Uint8Array, dropped = 0): Promise<void> {
   }).catch(() => {/* stdout closed: the log is lost, the server is not */})
     .then(() => {
       stdoutQueue.shift();
+      stdoutBacklog -= bytes.length;
     });
   return stdoutWritten;
+}
+
+/** The line that stands in the log for `count` lines it dropped. */
+function dropNote(count: number): string {
+  return `(access log: ${count} lines dropped, stdout blocked)\n`;
+}
+
+/** The workers' log lines dropped while stdout was blocked, not yet noted. */
+let workerLinesDropped = 0;
+
+/**
+ * Writes the log lines a worker posted (`--workers`). While stdout is
+ * blocked they are held up to MAX_LOG_BACKLOG, as a single server's log
+ * holds its own, then dropped and counted: the workers' logs cannot tell
+ * that this process's stdout is stuck, and would otherwise grow its memory
+ * without end.
+ */
+function forwardLog(lines: string): void {
+  if (stdoutBacklog + lines.length > MAX_LOG_BACKLOG) {
+    for (let i = 0; i < lines.length; i++) {
+      if (lines.charCodeAt(i) === LF) workerLinesDropped++;
+    }
+    return;
+  }
+  queueWorkerLines(lines);
+}
+
+/** Queues the workers' lines for stdout, then the note of any dropped before. */
+function queueWorkerLines(lines: string): void {
+  const dropped = workerLinesDropped;
+  workerLinesDropped = 0;
+  const text = dropped > 0 ? lines + dropNote(dropped) : lines;
+  if (text !== "") writeStdout(encoder.encode(text), dropped);
 }
 
 /**
@@ -4707,7 +4742,7 @@ async function serveWithWorkers(
         if ("port" in data) listening({ worker, port: data.port });
         else if ("cannotListen" in data) {
           cannotListen(options, port ?? options.port, data.cannotListen);
-        } else if ("lines" in data) writeStdout(encoder.encode(data.lines));
+        } else if ("lines" in data) forwardLog(data.lines);
         else {
           forced += data.forced;
           if (++finished === count) allFinished();
@@ -4737,6 +4772,7 @@ async function serveWithWorkers(
   }
   onSignal(() => workers.forEach((worker) => worker.postMessage("shutdown")));
   await done;
+  queueWorkerLines(""); // the note of the last lines dropped, if any
   return forced;
 }
 

@@ -878,7 +878,25 @@ Deno.test("a port in use: one line naming the address, exit 1", async () => {
 // ---------------------------------------------------------------------------
 
 Deno.test("a blocked stdout: every request answered, every log line written or counted as dropped", async () => {
-  const server = await startUndrained(["--port", "0"], "inherit");
+  await blockedStdout(["--port", "0"]);
+});
+
+Deno.test("--workers 2, a blocked stdout: the workers' lines are held to the same bound, then dropped and counted", async () => {
+  // Before the main process bounded what it holds for the workers, nothing
+  // was ever dropped: its memory grew with every line.
+  await blockedStdout(
+    ["--port", "0", "--workers", "2"],
+    ["--allow-net", "--allow-read", "--unstable-net"],
+  );
+});
+
+/**
+ * 200,001 requests while nothing reads the server's stdout, then a drain and
+ * SIGTERM: every request is answered, and every log line is either written
+ * or counted in a drop note.
+ */
+async function blockedStdout(flags: string[], permissions?: string[]) {
+  const server = await startUndrained(flags, "inherit", permissions);
   let text = server.text;
   try {
     // Nothing more is read from stdout until every request has been
@@ -917,10 +935,10 @@ Deno.test("a blocked stdout: every request answered, every log line written or c
   assert.ok(lines.length - logged.length < 10, lines.slice(-5).join("\n"));
   assert.equal(logged.length + dropped, total);
   console.log(
-    `blocked stdout: ${total} requests answered, ${logged.length} lines ` +
-      `logged, ${dropped} dropped and counted`,
+    `blocked stdout (${flags.join(" ")}): ${total} requests answered, ` +
+      `${logged.length} lines logged, ${dropped} dropped and counted`,
   );
-});
+}
 
 Deno.test("a stdout blocked for good: SIGTERM still ends the server, and the lines it gave up on are counted on stderr", async () => {
   const server = await startUndrained(
@@ -1009,9 +1027,10 @@ interface Undrained {
 async function startUndrained(
   flags: string[],
   stderr: "inherit" | "piped",
+  permissions = ["--allow-net"],
 ): Promise<Undrained> {
   const child = new Deno.Command("bash", {
-    args: ["-c", 'exec "$@"', "bash", DENO, "run", "--allow-net", "main.ts"]
+    args: ["-c", 'exec "$@"', "bash", DENO, "run", ...permissions, "main.ts"]
       .concat(flags),
     cwd: ROOT,
     env: { DENO_NO_UPDATE_CHECK: "1" },

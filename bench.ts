@@ -348,7 +348,17 @@ class FloorLog {
   );
   static readonly BATCH = Math.floor(64 * 1024 / FloorLog.LINE.length) *
     FloorLog.LINE.length;
+  /** A batch of lines, made once: n lines are one copy of its first n. */
+  static readonly LINES = (() => {
+    const lines = new Uint8Array(FloorLog.BATCH);
+    for (let at = 0; at < lines.length; at += FloorLog.LINE.length) {
+      lines.set(FloorLog.LINE, at);
+    }
+    return lines;
+  })();
   #buffer = new Uint8Array(4 * FloorLog.BATCH);
+  /** The other buffer, while it is not being written. */
+  #spare = new Uint8Array(4 * FloorLog.BATCH);
   #used = 0;
   #writing = false;
 
@@ -364,21 +374,27 @@ class FloorLog {
       larger.set(this.#buffer.subarray(0, this.#used));
       this.#buffer = larger;
     }
-    for (let i = 0; i < lines; i++) {
-      this.#buffer.set(FloorLog.LINE, this.#used);
-      this.#used += FloorLog.LINE.length;
+    for (let left = size; left > 0;) {
+      const part = Math.min(left, FloorLog.BATCH);
+      this.#buffer.set(FloorLog.LINES.subarray(0, part), this.#used);
+      this.#used += part;
+      left -= part;
     }
     if (this.#used >= FloorLog.BATCH) this.#flush();
   }
 
+  /** Writes what is buffered, a batch at a time, while the spare fills. */
   #flush(): void {
     if (this.#writing || this.#used === 0) return;
-    const size = Math.min(this.#used, FloorLog.BATCH);
-    const batch = this.#buffer.slice(0, size);
-    this.#buffer.copyWithin(0, size, this.#used);
-    this.#used -= size;
+    const bytes = this.#buffer.subarray(0, this.#used);
+    [this.#buffer, this.#spare] = [this.#spare, this.#buffer];
+    this.#used = 0;
     this.#writing = true;
-    writeAll(Deno.stdout, batch).finally(() => {
+    (async () => {
+      for (let at = 0; at < bytes.length; at += FloorLog.BATCH) {
+        await writeAll(Deno.stdout, bytes.subarray(at, at + FloorLog.BATCH));
+      }
+    })().finally(() => {
       this.#writing = false;
       if (this.#used >= FloorLog.BATCH) this.#flush();
     });

@@ -1785,6 +1785,62 @@ Deno.test("serve() gives the handler a real Request: URL, method, every field", 
   });
 });
 
+Deno.test("serve() gives the handler its URL and method as the Fetch API spells them, in a request that clones and wraps", async () => {
+  const seen: Record<string, unknown>[] = [];
+  await withHandler({}, async (request) => {
+    const copy = request.clone();
+    // Wrapping a request takes its body (Fetch): the clone's, here.
+    const wrapped = new Request(copy, { headers: { "x-added": "1" } });
+    seen.push({
+      method: request.method,
+      url: request.url,
+      copy: [copy.method, copy.url, copy.headers.get("x-f")],
+      wrapped: [wrapped.method, wrapped.url, wrapped.headers.get("x-added")],
+      signal: request.signal instanceof AbortSignal && !request.signal.aborted,
+      body: [await wrapped.text(), await request.text(), request.bodyUsed],
+    });
+    return new Response("seen");
+  }, async (server) => {
+    const client = await Client.open(server);
+    try {
+      await client.send(
+        // WHATWG URL: the host in lower case, no default port, no dot
+        // segments; Fetch: a standard method in capitals, in any case.
+        "get /a/./b/../c?x HTTP/1.1\r\nHost: EXAMPLE.com:80\r\n" +
+          "X-F: 1\r\n\r\n" +
+          "patch /p HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n" +
+          "X-F: 2\r\n\r\nhi",
+      );
+      for (let i = 0; i < 2; i++) {
+        assert.equal((await client.response())?.text, "seen");
+      }
+      // A Host the parser lets through that is no URL's: refused.
+      await client.send("GET / HTTP/1.1\r\nHost: x:99999\r\n\r\n");
+      assert.equal((await client.response())?.status, 400);
+      assert.deepEqual(seen, [
+        {
+          method: "GET",
+          url: "http://example.com/a/c?x",
+          copy: ["GET", "http://example.com/a/c?x", "1"],
+          wrapped: ["GET", "http://example.com/a/c?x", "1"],
+          signal: true,
+          body: ["", "", false],
+        },
+        {
+          method: "patch",
+          url: "http://x/p",
+          copy: ["patch", "http://x/p", "2"],
+          wrapped: ["patch", "http://x/p", "1"],
+          signal: true,
+          body: ["hi", "hi", true],
+        },
+      ]);
+    } finally {
+      client.close();
+    }
+  });
+});
+
 Deno.test("serve() gives the handler all 99 fields of a head, then only the next head's own", async () => {
   const counts: number[] = [];
   await withHandler({}, (request) => {

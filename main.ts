@@ -1244,8 +1244,7 @@ function parseTarget(
 ): number {
   const pathEnd = query < 0 ? end : query;
   if (buf[start] === SLASH) {
-    request.path = intern(buf, start, pathEnd, ROUTES) ??
-      latin1(buf, start, pathEnd);
+    request.path = pathText(buf, start, pathEnd, request.path);
     return 0;
   }
   if (end - start === 1 && buf[start] === 0x2a) {
@@ -1261,10 +1260,22 @@ function parseTarget(
   }
   p += 3;
   while (p < pathEnd && buf[p] !== SLASH) p++;
-  request.path = p === pathEnd
-    ? "/"
-    : intern(buf, p, pathEnd, ROUTES) ?? latin1(buf, p, pathEnd);
+  request.path = p === pathEnd ? "/" : pathText(buf, p, pathEnd, request.path);
   return 0;
+}
+
+/**
+ * A path as text: a route's own string, the last request's path when the
+ * bytes spell it again (a client asks for the same thing again), else new.
+ */
+function pathText(
+  buf: Uint8Array,
+  start: number,
+  end: number,
+  last: string,
+): string {
+  return intern(buf, start, end, ROUTES) ??
+    (spells(buf, start, end, last) ? last : latin1(buf, start, end));
 }
 
 /**
@@ -2596,12 +2607,34 @@ function endsOfHead(idleTimeout: number): string[] {
 
 /** A head (Latin-1 text: field values are bytes, not UTF-8) and a body. */
 function joinBytes(head: string, body: Uint8Array): Uint8Array {
-  const bytes = new Uint8Array(head.length + body.length);
+  const bytes = allocate(head.length + body.length);
   const { read, written } = encoder.encodeInto(head, bytes);
   if (read !== head.length || written !== head.length) {
     for (let i = 0; i < head.length; i++) bytes[i] = head.charCodeAt(i);
   }
   bytes.set(body, head.length);
+  return bytes;
+}
+
+/**
+ * Small responses are cut from one shared `ArrayBuffer`, as Node's `Buffer`
+ * pool does: a `Uint8Array` of their own would each cost an allocation
+ * outside the heap (about 0.5 µs in Deno 2.9, against 0.1 µs for a view of
+ * the pool) and the collector's time. A pool is never written twice: when
+ * it is full the next is made, and the last views still in it keep it.
+ */
+const POOL_SIZE = 64 * 1024;
+let pool = new ArrayBuffer(POOL_SIZE);
+let pooled = 0;
+
+function allocate(size: number): Uint8Array {
+  if (size > POOL_SIZE / 8) return new Uint8Array(size);
+  if (pooled + size > POOL_SIZE) {
+    pool = new ArrayBuffer(POOL_SIZE);
+    pooled = 0;
+  }
+  const bytes = new Uint8Array(pool, pooled, size);
+  pooled += size;
   return bytes;
 }
 

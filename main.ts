@@ -2467,8 +2467,8 @@ function call(
     : awaitResponse(server, connection, response, exchange.reader === null);
 }
 
-const NOT_YET = Symbol("not yet");
-const LATER = Promise.resolve(NOT_YET);
+/** Settled: what waits on it runs after what waited before. */
+const SETTLED = Promise.resolve();
 
 /**
  * Waits for the response a handler promised. An `async` handler that had
@@ -2484,10 +2484,23 @@ async function awaitResponse(
   promised: unknown,
   bodiless: boolean,
 ): Promise<Response | null> {
+  // Whether it has answered already: a promise settled before this one is
+  // awaited has run its reaction by then. (Promise.race would tell the
+  // same for 0.25 µs more: an array, a promise and two reactions.)
+  let settled = false;
+  let failed = false;
   let response: unknown;
+  Promise.resolve(promised).then((value) => {
+    settled = true;
+    response = value;
+  }, (error) => {
+    settled = failed = true;
+    response = error;
+  });
+  await SETTLED;
   try {
-    response = await Promise.race([promised, LATER]);
-    if (response === NOT_YET) {
+    if (failed) throw response;
+    if (!settled) {
       if (bodiless) watch(server, connection);
       if (connection.pendingBytes > 0) await flush(server, connection);
       connection.state = BUSY;

@@ -264,6 +264,8 @@ export interface Server extends AsyncDisposable {
  *
  * @param init Where to listen, the limits, the timeouts and the handler.
  * @returns The running server.
+ * @throws {TypeError} An option's value is of the wrong kind or out of
+ * range (a timeout of `NaN` or 0, a limit below 1), before it listens.
  * @example Serve the book's pages on a free port, then stop
  * ```ts
  * import { serve } from "./main.ts";
@@ -307,7 +309,14 @@ export function serve(
   const limits = { ...DEFAULTS };
   for (const key of Object.keys(DEFAULTS) as (keyof Limits)[]) {
     const value = options[key];
-    if (value !== undefined) (limits as Record<string, unknown>)[key] = value;
+    if (value === undefined) continue;
+    const problem = badOption(key, value);
+    if (problem) {
+      throw new TypeError(
+        `serve(): ${key} ${problem}, not ${Deno.inspect(value)}`,
+      );
+    }
+    (limits as Record<string, unknown>)[key] = value;
   }
   const listener = listen(limits, options);
   const server = new ServerState(listener, limits, options);
@@ -329,6 +338,35 @@ export function serve(
     unref: () => server.ref(false),
     [Symbol.asyncDispose]: () => server.shutdown(),
   };
+}
+
+/**
+ * What is wrong with an option's value, or "" when nothing is: a timeout of
+ * `NaN` or a limit of -1 would silently turn a defence off. The same rules
+ * as the command line's flags, but that a duration may be `Infinity`.
+ */
+function badOption(key: keyof Limits, value: unknown): string {
+  switch (key) {
+    case "hostname":
+      return typeof value === "string" ? "" : "must be a string";
+    case "port":
+      return Number.isInteger(value) && (value as number) >= 0 &&
+          (value as number) <= 65535
+        ? ""
+        : "must be a port number (0-65535)";
+    case "sleepDelay":
+    case "headerTimeout":
+    case "idleTimeout":
+    case "bodyTimeout":
+    case "shutdownTimeout":
+      return typeof value === "number" && value > 0
+        ? ""
+        : "must be a number of seconds above 0";
+    default:
+      return Number.isSafeInteger(value) && (value as number) >= 1
+        ? ""
+        : "must be a whole number above 0";
+  }
 }
 
 /** A listener, and the connections it accepts: over TCP, or TLS. */

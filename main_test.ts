@@ -1679,6 +1679,45 @@ Deno.test("serve() logs every response of a pipelined batch, repeats included, i
 const hello: ServeHandler = (request) =>
   new Response(`hello ${pathOf(request)}`);
 
+Deno.test("serve() refuses an option value that would turn a defence off, before it listens", () => {
+  const cases: [ServeOptions, string][] = [
+    [
+      { headerTimeout: NaN },
+      "serve(): headerTimeout must be a number of seconds above 0, not NaN",
+    ],
+    [
+      { idleTimeout: 0 },
+      "serve(): idleTimeout must be a number of seconds above 0, not 0",
+    ],
+    [
+      { bodyTimeout: "30" as unknown as number },
+      'serve(): bodyTimeout must be a number of seconds above 0, not "30"',
+    ],
+    [
+      { maxBody: -1 },
+      "serve(): maxBody must be a whole number above 0, not -1",
+    ],
+    [
+      { maxConnections: 1.5 },
+      "serve(): maxConnections must be a whole number above 0, not 1.5",
+    ],
+    [
+      { maxHead: Infinity },
+      "serve(): maxHead must be a whole number above 0, not Infinity",
+    ],
+    [
+      { port: 65536 },
+      "serve(): port must be a port number (0-65535), not 65536",
+    ],
+  ];
+  for (const [options, message] of cases) {
+    assert.throws(() => serve({ ...options, accessLog: false }), {
+      name: "TypeError",
+      message,
+    });
+  }
+});
+
 Deno.test("serve() takes a handler in each of Deno.serve's three call forms", async () => {
   // serve(handler): every option at its default, so the book's port 7878.
   const first = serve(hello);

@@ -2668,6 +2668,20 @@ function joinBytes(head: string, body: Uint8Array): Uint8Array {
 }
 
 /**
+ * A head and a short text body: one encoding for both, where the head is
+ * ASCII (a field value may hold Latin-1 bytes: then each is its own byte).
+ */
+function joinText(head: string, text: string, length: number): Uint8Array {
+  const bytes = allocate(head.length + length);
+  const { read, written } = encoder.encodeInto(head + text, bytes);
+  if (read !== head.length + text.length || written !== bytes.length) {
+    for (let i = 0; i < head.length; i++) bytes[i] = head.charCodeAt(i);
+    encoder.encodeInto(text, bytes.subarray(head.length));
+  }
+  return bytes;
+}
+
+/**
  * Small responses are cut from one shared `ArrayBuffer`, as Node's `Buffer`
  * pool does: a `Uint8Array` of their own would each cost an allocation
  * outside the heap (about 0.5 µs in Deno 2.9, against 0.1 µs for a view of
@@ -2742,6 +2756,8 @@ function send(
   }
   const length = content === null
     ? 0
+    : typeof content === "string"
+    ? utf8Length(content)
     : content instanceof Uint8Array
     ? content.length
     : exchange.length;
@@ -2773,9 +2789,15 @@ function send(
         server.log?.write(connection, line, status, exchange.sent, began)
       );
   }
-  const body = headOnly || content === null ? EMPTY : content;
-  queue(connection, joinBytes(head, body));
-  exchange.sent = body.length;
+  if (headOnly || content === null) {
+    queue(connection, joinBytes(head, EMPTY));
+  } else if (typeof content === "string") {
+    queue(connection, joinText(head, content, length));
+    exchange.sent = length;
+  } else {
+    queue(connection, joinBytes(head, content));
+    exchange.sent = content.length;
+  }
   server.log?.write(connection, line, status, exchange.sent, began);
   if (exchange.watched) {
     return settleCompleted(server, connection, exchange, keepAlive);
@@ -2897,12 +2919,38 @@ async function pipe(
 const SCRATCH = new Uint8Array(64 * 1024);
 
 /**
- * A string body as UTF-8. A short one goes into a scratch buffer that
- * joinBytes() copies from at once — one allocation fewer per response.
+ * A string body: a short one as it is, encoded with the head in one go by
+ * joinText(); a longer one as UTF-8 now, into a scratch buffer that
+ * joinBytes() copies from at once when it fits — one allocation fewer.
  */
-function encodeNow(text: string): Uint8Array {
+function textBody(text: string): string | Uint8Array {
+  if (text.length <= MAX_TEXT_BODY) return text;
   if (text.length * 3 > SCRATCH.length) return encoder.encode(text);
   return SCRATCH.subarray(0, encoder.encodeInto(text, SCRATCH).written);
+}
+
+/** The longest string body encoded with its head (its length is counted). */
+const MAX_TEXT_BODY = 1024;
+
+/** How many bytes `text` takes in UTF-8, as TextEncoder writes it. */
+function utf8Length(text: string): number {
+  let length = text.length;
+  for (let i = 0; i < text.length; i++) {
+    const code = text.charCodeAt(i);
+    if (code < 0x80) continue;
+    if (code < 0x800) {
+      length += 1;
+    } else if (
+      (code & 0xfc00) === 0xd800 &&
+      (text.charCodeAt(i + 1) & 0xfc00) === 0xdc00
+    ) {
+      length += 2; // a surrogate pair: four bytes for two code units
+      i++;
+    } else {
+      length += 2; // three bytes, a lone surrogate's U+FFFD too
+    }
+  }
+  return length;
 }
 
 /** Where Deno keeps a body it holds whole, found once on a probe. */
@@ -2936,26 +2984,26 @@ function fieldsOf(response: Response): [string, string][] {
 }
 
 /**
- * A response's content: null for none, its bytes when they are all there
- * (a string, a `Uint8Array`, `URLSearchParams`), or its stream — with the
- * length in `exchange.length` when known (a `Blob`, `FormData`), else -1.
- * The Fetch API does not tell a body held whole from a stream, so this
+ * A response's content: null for none, a short text as it is, its bytes
+ * when they are all there (a longer string, a `Uint8Array`,
+ * `URLSearchParams`), or its stream — with the length in `exchange.length`
+ * when known (a `Blob`, `FormData`), else -1. The Fetch API does not tell a body held whole from a stream, so this
  * looks where Deno keeps it; a body it cannot tell goes as a stream of
  * unknown length — chunked: still correct, only framed differently.
  */
 function contentOf(
   response: Response,
   exchange: Exchange,
-): Uint8Array | ReadableStream<Uint8Array> | null {
+): string | Uint8Array | ReadableStream<Uint8Array> | null {
   const slots = response as unknown as Record<symbol, unknown>;
   const lazy = BODY_SLOTS.lazy && slots[BODY_SLOTS.lazy];
-  if (typeof lazy === "string") return encodeNow(lazy);
+  if (typeof lazy === "string") return textBody(lazy);
   const inner = BODY_SLOTS.inner &&
     slots[BODY_SLOTS.inner] as InnerResponse | undefined;
   const whole = inner?.body?.streamOrStatic as { body?: unknown } | undefined;
   if (whole && !(whole instanceof ReadableStream)) {
     if (whole.body instanceof Uint8Array) return whole.body;
-    if (typeof whole.body === "string") return encodeNow(whole.body);
+    if (typeof whole.body === "string") return textBody(whole.body);
   }
   const length = inner?.body?.length;
   exchange.length = typeof length === "number" ? length : -1;

@@ -2124,9 +2124,34 @@ Deno.test("serve() closes after the reply when an unread body is over 256 KiB", 
   });
 });
 
+Deno.test("serve() writes a field value's Latin-1 bytes as bytes, before a UTF-8 body", async () => {
+  await withHandler({}, () =>
+    new Response("ok ☃", {
+      headers: { "x-name": "caf\u00e9", "content-type": "text/plain" },
+    }), async (server) => {
+    const client = await Client.open(server);
+    try {
+      await client.send(
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+      );
+      const bytes = await client.untilClosed();
+      // One byte for é in the head (RFC 9110 §5.5: octets), UTF-8 after it.
+      assert.ok(indexOf(bytes, "\r\nx-name: caf\u00e9\r\n") > 0);
+      assert.ok(indexOf(bytes, "\r\nContent-Length: 6\r\n") > 0);
+      assert.deepEqual(bytes.subarray(-6), new TextEncoder().encode("ok ☃"));
+    } finally {
+      client.close();
+    }
+  });
+});
+
 Deno.test("serve() sends Content-Length, in bytes, for a body of known length", async () => {
   const bodies: Record<string, () => BodyInit | null> = {
     "/string": () => "héllo wörld ☃",
+    // Four bytes for a surrogate pair; a lone surrogate is U+FFFD's three.
+    "/astral": () => "a😀b",
+    "/lone": () => "x\ud800y\udc00",
+    "/long": () => "ü☃".repeat(3000),
     "/bytes": () => new Uint8Array([0, 1, 0xfe, 0xff]),
     "/buffer": () => new Uint8Array([1, 2, 3]).buffer,
     "/blob": () => new Blob(["blöb ☃"], { type: "text/x-blob" }),

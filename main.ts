@@ -343,7 +343,7 @@ export function serve(
 /**
  * What is wrong with an option's value, or "" when nothing is: a timeout of
  * `NaN` or a limit of -1 would silently turn a defence off. The same rules
- * as the command line's flags, but that a duration may be `Infinity`.
+ * as the command line's flags.
  */
 function badOption(key: keyof Limits, value: unknown): string {
   switch (key) {
@@ -359,7 +359,7 @@ function badOption(key: keyof Limits, value: unknown): string {
     case "idleTimeout":
     case "bodyTimeout":
     case "shutdownTimeout":
-      return typeof value === "number" && value > 0
+      return Number.isFinite(value) && (value as number) > 0
         ? ""
         : "must be a number of seconds above 0";
     default:

@@ -1706,6 +1706,10 @@ Deno.test("serve() refuses an option value that would turn a defence off, before
       "serve(): maxHead must be a whole number above 0, not Infinity",
     ],
     [
+      { shutdownTimeout: Infinity },
+      "serve(): shutdownTimeout must be a number of seconds above 0, not Infinity",
+    ],
+    [
       { port: 65536 },
       "serve(): port must be a port number (0-65535), not 65536",
     ],

@@ -2448,15 +2448,15 @@ const REQUEST_SLOTS = (() => {
       abort: AbortSignal,
     ): Request => {
       const request = new Bare(brand);
-      const slots = request as unknown as Record<symbol, unknown>;
-      slots[inner] = new RequestRecord(
+      const own = request as unknown as Record<symbol, unknown>;
+      own[inner] = new RequestRecord(
         method,
         url,
         fields,
         body ? new Body(body) : null,
       );
-      slots[guard] = "request";
-      slots[signal] = abort;
+      own[guard] = "request";
+      own[signal] = abort;
       return request;
     };
     const controller = new AbortController();
@@ -2656,28 +2656,27 @@ function endsOfHead(idleTimeout: number): string[] {
   return ends;
 }
 
-/** A head (Latin-1 text: field values are bytes, not UTF-8) and a body. */
-function joinBytes(head: string, body: Uint8Array): Uint8Array {
-  const bytes = allocate(head.length + body.length);
-  const { read, written } = encoder.encodeInto(head, bytes);
-  if (read !== head.length || written !== head.length) {
-    for (let i = 0; i < head.length; i++) bytes[i] = head.charCodeAt(i);
-  }
-  bytes.set(body, head.length);
-  return bytes;
-}
-
 /**
- * A head and a short text body: one encoding for both, where the head is
- * ASCII (a field value may hold Latin-1 bytes: then each is its own byte).
+ * A head (Latin-1 text: field values are bytes, not UTF-8) and a body of
+ * `size` bytes. A text body is encoded with the head in one go, where the
+ * head is ASCII; a head that is not has each of its bytes written alone.
  */
-function joinText(head: string, text: string, length: number): Uint8Array {
-  const bytes = allocate(head.length + length);
-  const { read, written } = encoder.encodeInto(head + text, bytes);
-  if (read !== head.length + text.length || written !== bytes.length) {
+function joinBytes(
+  head: string,
+  body: Uint8Array | string,
+  size = typeof body === "string" ? utf8Length(body) : body.length,
+): Uint8Array {
+  const bytes = allocate(head.length + size);
+  const isText = typeof body === "string";
+  const text = isText ? head + body : head;
+  const { read, written } = encoder.encodeInto(text, bytes);
+  if (
+    read !== text.length || written !== (isText ? bytes.length : head.length)
+  ) {
     for (let i = 0; i < head.length; i++) bytes[i] = head.charCodeAt(i);
-    encoder.encodeInto(text, bytes.subarray(head.length));
+    if (isText) encoder.encodeInto(body, bytes.subarray(head.length));
   }
+  if (!isText) bytes.set(body, head.length);
   return bytes;
 }
 
@@ -2789,15 +2788,9 @@ function send(
         server.log?.write(connection, line, status, exchange.sent, began)
       );
   }
-  if (headOnly || content === null) {
-    queue(connection, joinBytes(head, EMPTY));
-  } else if (typeof content === "string") {
-    queue(connection, joinText(head, content, length));
-    exchange.sent = length;
-  } else {
-    queue(connection, joinBytes(head, content));
-    exchange.sent = content.length;
-  }
+  const body = headOnly || content === null ? EMPTY : content;
+  exchange.sent = body === EMPTY ? 0 : length;
+  queue(connection, joinBytes(head, body, exchange.sent));
   server.log?.write(connection, line, status, exchange.sent, began);
   if (exchange.watched) {
     return settleCompleted(server, connection, exchange, keepAlive);
@@ -2920,7 +2913,7 @@ const SCRATCH = new Uint8Array(64 * 1024);
 
 /**
  * A string body: a short one as it is, encoded with the head in one go by
- * joinText(); a longer one as UTF-8 now, into a scratch buffer that
+ * joinBytes(); a longer one as UTF-8 now, into a scratch buffer that
  * joinBytes() copies from at once when it fits — one allocation fewer.
  */
 function textBody(text: string): string | Uint8Array {
@@ -2987,9 +2980,10 @@ function fieldsOf(response: Response): [string, string][] {
  * A response's content: null for none, a short text as it is, its bytes
  * when they are all there (a longer string, a `Uint8Array`,
  * `URLSearchParams`), or its stream — with the length in `exchange.length`
- * when known (a `Blob`, `FormData`), else -1. The Fetch API does not tell a body held whole from a stream, so this
- * looks where Deno keeps it; a body it cannot tell goes as a stream of
- * unknown length — chunked: still correct, only framed differently.
+ * when known (a `Blob`, `FormData`), else -1. The Fetch API does not tell a
+ * body held whole from a stream, so this looks where Deno keeps it; a body
+ * it cannot tell goes as a stream of unknown length — chunked: still
+ * correct, only framed differently.
  */
 function contentOf(
   response: Response,

@@ -144,6 +144,20 @@ export interface ServeOptions {
   maxHead?: number;
   /** The most header fields in one request; more are answered 431. @default {100} */
   maxFields?: number;
+  /**
+   * A WebSocket silent this long is pinged, and closed if it stays silent
+   * as long again; {@linkcode UpgradeWebSocketOptions.idleTimeout} sets one
+   * socket's. @default {30}
+   */
+  wsIdleTimeout?: number;
+  /** A WebSocket closing handshake not finished this long after the close frame is cut. @default {5} */
+  wsCloseTimeout?: number;
+  /** The largest WebSocket message, in bytes once decompressed; larger ones close with 1009. @default {1048576} */
+  wsMaxMessage?: number;
+  /** The bytes a WebSocket may queue for a client that reads nothing, before it is cut off. @default {16777216} */
+  wsMaxBuffered?: number;
+  /** Compress: permessage-deflate for WebSockets, when the client offers it. @default {true} */
+  compression?: boolean;
   /** Let several listeners share the port (Linux; needs `--unstable-net`). @default {false} */
   reusePort?: boolean;
   /** The certificate chain, in PEM: with {@linkcode ServeOptions.key}, the server speaks HTTPS. */
@@ -176,6 +190,10 @@ const DEFAULTS = {
   maxTarget: 8 * 1024,
   maxHead: 16 * 1024,
   maxFields: 100,
+  wsIdleTimeout: 30,
+  wsCloseTimeout: 5,
+  wsMaxMessage: 1024 * 1024,
+  wsMaxBuffered: 16 * 1024 * 1024,
 };
 
 type Limits = typeof DEFAULTS;
@@ -216,6 +234,8 @@ const MAX_DISCARD = 256 * 1024;
 const LINGER_TIME = 2;
 /** On shutdown, how long a new connection may still send its first request. */
 const SHUTDOWN_GRACE = 1;
+/** A second SIGINT or SIGTERM sooner than this after the first is the same one. */
+const SAME_SIGNAL = 0.5;
 /** setTimeout()'s longest delay (ms): a longer one wraps, and fires at once. */
 const MAX_DELAY = 2 ** 31 - 1;
 /**
@@ -320,6 +340,7 @@ export function serve(
   }
   const listener = listen(limits, options);
   const server = new ServerState(listener, limits, options);
+  if (options.handler) adoptDenoUpgrade();
   options.signal?.addEventListener("abort", () => server.shutdown(), {
     once: true,
   });
@@ -359,6 +380,8 @@ function badOption(key: keyof Limits, value: unknown): string {
     case "idleTimeout":
     case "bodyTimeout":
     case "shutdownTimeout":
+    case "wsIdleTimeout":
+    case "wsCloseTimeout":
       return Number.isFinite(value) && (value as number) > 0
         ? ""
         : "must be a number of seconds above 0";
@@ -414,6 +437,8 @@ class ServerState {
   readonly scheme: string;
   /** The application; null for the book's routes. */
   readonly handler: ServeHandler | null;
+  /** Whether to compress (permessage-deflate). */
+  readonly compression: boolean;
   readonly onError: ((error: unknown) => Response | Promise<Response>) | null;
   #slotFree: (() => void) | null = null;
   #drained: (() => void) | null = null;
@@ -429,6 +454,7 @@ class ServerState {
     this.log = accessLog === false ? null : new AccessLog(accessLog);
     this.endOfHead = endsOfHead(limits.idleTimeout);
     this.handler = options.handler ?? null;
+    this.compression = options.compression ?? true;
     this.scheme = options.cert ? "https" : "http";
     this.onError = options.onError ?? null;
     // One timer for every deadline of every connection, rather than a timer
@@ -437,6 +463,8 @@ class ServerState {
       limits.headerTimeout,
       limits.idleTimeout,
       limits.bodyTimeout,
+      limits.wsIdleTimeout,
+      limits.wsCloseTimeout,
     );
     const period = Math.max(10, Math.min(250, shortest * 250));
     this.#ticker = setInterval(() => this.tick(), period);
@@ -485,6 +513,10 @@ class ServerState {
       for (const connection of this.connections) {
         if (connection.state === IDLE) {
           connection.close();
+        } else if (connection.state === SOCKET) {
+          // §7.4.1: 1001, going away; the client's answer is awaited until
+          // the shutdown timeout.
+          connection.session!.close(1001);
         } else if (connection.state === HEAD && connection.isSilent()) {
           // Just accepted, its first request may be on the way (a proxy
           // sends it right after connecting): a short grace, as Go gives,
@@ -555,6 +587,7 @@ const BODY = 2; // reading a request body
 const BUSY = 3; // handling a request (`/sleep`, a handler): no deadline
 const WRITE = 4; // writing responses
 const LINGER = 5; // closing after an error: draining what the client sends
+const SOCKET = 6; // upgraded to a WebSocket: its deadline pings or closes
 
 /** One client connection: its stream, its read buffer and its deadline. */
 class Connection {
@@ -588,6 +621,8 @@ class Connection {
   lingers = false;
   /** A handler's response is on its way: a timeout can only close. */
   responding = false;
+  /** The WebSocket the connection became, once its 101 is written. */
+  session: WebSocketSession | null = null;
   /**
    * The last request's target and host, the target and host its URL was
    * made of, that URL, then its fields' names and values: see recall().
@@ -743,6 +778,9 @@ async function handleConnection(
       if (consumed > 0 && server.handler && request.path !== "*") {
         keepAlive = await respond(server, connection, line, began);
         connection.answered();
+        if (connection.session) {
+          return await serveWebSocket(server, connection, connection.session);
+        }
       } else {
         // Awaited only when there is something to wait for: the hot path of
         // the book's routes takes no trip through the microtask queue.
@@ -969,6 +1007,7 @@ async function drain(connection: Connection): Promise<void> {
 
 /** The ticker's verdict on a connection whose deadline passed. */
 function expire(server: ServerState, connection: Connection): void {
+  if (connection.state === SOCKET) return connection.session!.expire();
   const started = !connection.responding && (connection.state === BODY ||
     (connection.state === HEAD && !connection.isSilent()));
   if (!started) {
@@ -1055,6 +1094,8 @@ export class RequestHead {
   keepAlive = false;
   /** Expect: 100-continue, for a request with a body. */
   expectContinue = false;
+  /** An Upgrade field was sent (a WebSocket handshake, perhaps). */
+  upgrade = false;
   /** How many Host fields there were. */
   hosts = 0;
   /** The size announced by the last chunk-size line parsed. */
@@ -1073,6 +1114,7 @@ export class RequestHead {
     this.transferEncoding = this.chunked = false;
     this.otherCoding = this.codingOrder = false;
     this.close = this.keepAlive = this.expectContinue = false;
+    this.upgrade = false;
   }
 }
 
@@ -1390,6 +1432,9 @@ function recordField(
       // RFC 9110 §10.1.1: 100-continue is the only expectation there is.
       if (!wordIs(buf, valueStart, valueEnd, "100-continue")) return 417;
       request.expectContinue = true;
+      return 0;
+    case 7:
+      if (nameIs(buf, nameStart, "upgrade")) request.upgrade = true;
       return 0;
     case 10:
       if (!nameIs(buf, nameStart, "connection")) return 0;
@@ -2156,6 +2201,8 @@ class Exchange implements ServeHandlerInfo {
   continued = false;
   /** The request's signal. */
   signal: AbortSignal | null = null;
+  /** The WebSocket the handler accepted, if it called upgradeWebSocket(). */
+  session: WebSocketSession | null = null;
   /** The response body's length, -1 when unknown, and the bytes sent. */
   length = -1;
   sent = 0;
@@ -2234,10 +2281,27 @@ async function respond(
       recover(server, new TypeError("the handler's Response was already read")),
     ) as Response | null;
   }
+  const session = exchange.session;
   if (response === null || connection.state === LINGER) {
     exchange.finish(new Error("the connection closed before the response"));
+    session?.closed();
     await response?.body?.cancel().catch(() => {});
     return null;
+  }
+  if (session) {
+    if (response === session.agreed.response || response.status === 101) {
+      try {
+        await acceptUpgrade(server, connection, session, response, line, began);
+      } catch (error) {
+        session.closed();
+        throw error;
+      }
+      exchange.finish();
+      connection.session = session;
+      return false;
+    }
+    // Accepted, then answered otherwise: the socket never opens.
+    session.closed();
   }
   const reader = exchange.reader;
   if (reader?.failed) {
@@ -2322,19 +2386,31 @@ function toRequest(
   }
   const signal = exchange.signal = connection.newSignal();
   const fields = fieldPairs(buf, head, texts, []);
+  let request: Request;
   if (REQUEST_SLOTS) {
-    return REQUEST_SLOTS.make(method, url, fields, exchange.stream, signal);
+    request = REQUEST_SLOTS.make(method, url, fields, exchange.stream, signal);
+  } else {
+    try {
+      request = new Request(url, {
+        method,
+        headers: fields,
+        body: exchange.stream,
+        signal,
+      });
+    } catch {
+      return 400;
+    }
   }
-  try {
-    return new Request(url, {
-      method,
-      headers: fields,
-      body: exchange.stream,
-      signal,
+  if (head.upgrade) {
+    UPGRADES.set(request, {
+      server,
+      connection,
+      exchange,
+      minor: head.minor,
+      bodiless: reader === null,
     });
-  } catch {
-    return 400;
   }
+  return request;
 }
 
 /**
@@ -2568,6 +2644,10 @@ function internalError(): Response {
 
 /** The handler failed: one line on stderr, and `onError`'s response. */
 async function recover(server: ServerState, error: unknown): Promise<Response> {
+  // A client's bad WebSocket handshake is no failure of the handler's.
+  if (error instanceof HandshakeError && !server.onError) {
+    return handshakeRefusal(error);
+  }
   console.error(`error: the handler failed: ${firstLine(error)}`);
   if (!server.onError) return internalError();
   try {
@@ -2645,7 +2725,9 @@ function buildResponse(
 
 /**
  * The `Connection` and `Keep-Alive` fields (RFC 9112 §9.3, §9.6) and the
- * empty line that ends a head, for each way a response ends its exchange.
+ * empty line that ends a head, for each way a response ends its exchange;
+ * then the same with the `upgrade` option that a response naming an
+ * `Upgrade` must carry (RFC 9110 §7.8), at UPGRADE_OPTION past each.
  */
 function endsOfHead(idleTimeout: number): string[] {
   const idle = `Keep-Alive: timeout=${Math.floor(idleTimeout)}\r\n`;
@@ -2653,8 +2735,15 @@ function endsOfHead(idleTimeout: number): string[] {
   ends[CLOSE] = "Connection: close\r\n\r\n";
   ends[KEEP_ALIVE] = `${idle}\r\n`;
   ends[KEEP_ALIVE_1_0] = `Connection: keep-alive\r\n${idle}\r\n`;
+  ends[UPGRADE_OPTION + CLOSE] = "Connection: upgrade, close\r\n\r\n";
+  ends[UPGRADE_OPTION + KEEP_ALIVE] = `Connection: upgrade\r\n${idle}\r\n`;
+  ends[UPGRADE_OPTION + KEEP_ALIVE_1_0] =
+    `Connection: upgrade, keep-alive\r\n${idle}\r\n`;
   return ends;
 }
+
+/** Where endsOfHead() keeps the ends with Connection's `upgrade` option. */
+const UPGRADE_OPTION = 3;
 
 /**
  * A head (Latin-1 text: field values are bytes, not UTF-8) and a body of
@@ -2730,10 +2819,14 @@ function send(
   }\r\n`;
   let dated = false;
   let declared = "";
+  let upgrade = 0;
   for (const [name, value] of fieldsOf(response)) {
     switch (name.toLowerCase()) {
       case "connection":
         if (/(^|,)[ \t]*close[ \t]*(,|$)/i.test(value)) keepAlive = false;
+        if (/(^|,)[ \t]*upgrade[ \t]*(,|$)/i.test(value)) {
+          upgrade = UPGRADE_OPTION;
+        }
         continue;
       case "content-length":
         declared = value;
@@ -2777,7 +2870,7 @@ function send(
     keepAlive = false; // RFC 9112 §6.3 item 8: the body ends at the close.
   }
   const persistence = persistenceOf(keepAlive, minor);
-  head += server.endOfHead[persistence];
+  head += server.endOfHead[upgrade + persistence];
   if (content instanceof ReadableStream) {
     // A stream may take its time: watch for the client to hang up meanwhile.
     if (!exchange.reader || exchange.reader.done) watch(server, connection);
@@ -4230,6 +4323,1471 @@ function fileReply(
 }
 
 // ---------------------------------------------------------------------------
+// WebSockets (RFC 6455): a 101 is the last HTTP response on a connection;
+// from then on its bytes are frames. As `ws` splits it: a frame parser that
+// is a pure function over bytes, one sender that writes, and a WebSocket-
+// shaped object that only dispatches events. The connection loop still
+// reads, the ticker still keeps the deadlines, the shutdown still closes.
+// ---------------------------------------------------------------------------
+
+/**
+ * Options of {@linkcode upgradeWebSocket}: `Deno.upgradeWebSocket`'s, and
+ * the limits. Those not given are the server's (`ws…` in
+ * {@linkcode ServeOptions}).
+ */
+export interface UpgradeWebSocketOptions {
+  /**
+   * The subprotocol to accept (RFC 6455 §4.2.2), when the client offers it
+   * in `Sec-WebSocket-Protocol`; one it did not offer is not sent, since
+   * the client would fail the handshake.
+   */
+  protocol?: string;
+  /**
+   * Seconds without a frame from the client before the server pings it; a
+   * client that then stays silent as long again is closed. 0 turns pings
+   * off, as in Deno.
+   * @default {30}
+   */
+  idleTimeout?: number;
+  /** The largest message, in bytes once decompressed; larger ones close with 1009. @default {1048576} */
+  maxMessage?: number;
+  /** The bytes `send()` may queue for a client that reads nothing, before it is cut off. @default {16777216} */
+  maxBuffered?: number;
+}
+
+/** What {@linkcode upgradeWebSocket} returns, as `Deno.upgradeWebSocket` does. */
+export interface WebSocketUpgrade {
+  /** The server's end of the connection: a WHATWG `WebSocket`, in shape. */
+  socket: WebSocket;
+  /** The `101 Switching Protocols` the handler must return. */
+  response: Response;
+}
+
+/**
+ * Accepts a request's WebSocket opening handshake (RFC 6455 §4.2): the
+ * handler returns `response`, and once that is written the connection
+ * carries `socket`'s messages. `Deno.upgradeWebSocket` does the same on
+ * this server's requests, so an application written for `Deno.serve` needs
+ * no change.
+ *
+ * Beyond Deno's, the socket negotiates permessage-deflate (RFC 7692) when
+ * the client offers it, closes with 1009 past the largest message, cuts a
+ * client that reads nothing past a bound, and sends close 1001 to every
+ * open socket when the server shuts down.
+ *
+ * @example An echo server
+ * ```ts
+ * import { serve, upgradeWebSocket } from "./main.ts";
+ * serve((request) => {
+ *   if (request.headers.get("upgrade") !== "websocket") {
+ *     return new Response("a WebSocket echo lives here");
+ *   }
+ *   const { socket, response } = upgradeWebSocket(request);
+ *   socket.onmessage = (event) => socket.send(event.data);
+ *   return response;
+ * });
+ * ```
+ *
+ * @param request A request this server handed to its handler.
+ * @param options The subprotocol, and limits other than the server's.
+ * @returns The socket, and the response to return.
+ * @throws {TypeError} The request is not a valid opening handshake. A
+ * handler that does not catch it has the request answered 400, or 426 with
+ * `Sec-WebSocket-Version: 13` for another version, and the connection
+ * stays HTTP.
+ */
+export function upgradeWebSocket(
+  request: Request,
+  options: UpgradeWebSocketOptions = {},
+): WebSocketUpgrade {
+  const offer = UPGRADES.get(request);
+  if (!offer) {
+    // Whoever made it, a request that asks for no upgrade is no handshake.
+    if (!hasToken(request.headers.get("upgrade"), "websocket")) {
+      throw new HandshakeError("'upgrade' must name websocket", 400);
+    }
+    throw new TypeError("upgradeWebSocket(): not a request of this server");
+  }
+  if (offer.exchange.session) {
+    throw new TypeError("upgradeWebSocket(): the request is upgraded already");
+  }
+  const key = handshakeKey(request, offer);
+  const settings = socketSettings(offer.server.limits, options);
+  const headers = request.headers;
+  const protocol = chooseProtocol(
+    headers.get("sec-websocket-protocol"),
+    options.protocol,
+  );
+  const deflate = offer.server.compression
+    ? negotiateDeflate(headers.get("sec-websocket-extensions"))
+    : null;
+  const fields: [string, string][] = [
+    ["upgrade", "websocket"],
+    ["connection", "Upgrade"],
+  ];
+  if (protocol) fields.push(["sec-websocket-protocol", protocol]);
+  if (deflate) fields.push(["sec-websocket-extensions", deflate.extension]);
+  const response = switchingProtocols(new Headers(fields));
+  const url = request.url.replace(/^http/, "ws");
+  const session = new WebSocketSession(
+    offer.server,
+    offer.connection,
+    settings,
+    { key, url, protocol, deflate, response },
+  );
+  offer.exchange.session = session;
+  return { socket: session.socket as unknown as WebSocket, response };
+}
+
+/** A request that asked to upgrade: where it came from. */
+interface UpgradeOffer {
+  server: ServerState;
+  connection: Connection;
+  exchange: Exchange;
+  /** The request's minor HTTP version, and whether it has a body. */
+  minor: number;
+  bodiless: boolean;
+}
+
+/**
+ * The requests with an `Upgrade` field this server made, so that an upgrade
+ * finds its connection. Only those: no other request pays for an entry.
+ */
+const UPGRADES = new WeakMap<Request, UpgradeOffer>();
+
+/** A handshake the server refuses: 400, or 426 for another version. */
+class HandshakeError extends TypeError {
+  constructor(message: string, readonly status: 400 | 426) {
+    super(`upgradeWebSocket(): ${message}`);
+  }
+}
+
+/**
+ * The opening handshake's checks (RFC 6455 §4.2.1).
+ * @returns The client's `Sec-WebSocket-Key`.
+ */
+function handshakeKey(request: Request, offer: UpgradeOffer): string {
+  const headers = request.headers;
+  if (request.method !== "GET") {
+    throw new HandshakeError("the method must be GET", 400);
+  }
+  if (offer.minor < 1) {
+    throw new HandshakeError("HTTP/1.1 or later is needed", 400);
+  }
+  if (!offer.bodiless) {
+    throw new HandshakeError("an upgrade request has no body", 400);
+  }
+  if (!hasToken(headers.get("upgrade"), "websocket")) {
+    throw new HandshakeError("'upgrade' must name websocket", 400);
+  }
+  if (!hasToken(headers.get("connection"), "upgrade")) {
+    throw new HandshakeError("'connection' must name upgrade", 400);
+  }
+  // §4.2.2 item 4: another version is answered with the one we speak.
+  if (headers.get("sec-websocket-version") !== "13") {
+    throw new HandshakeError("'sec-websocket-version' must be 13", 426);
+  }
+  // §4.1: the key is 16 random bytes in base64.
+  const key = headers.get("sec-websocket-key") ?? "";
+  if (!/^[A-Za-z0-9+/]{21}[AQgw]==$/.test(key)) {
+    throw new HandshakeError("'sec-websocket-key' must be 16 bytes", 400);
+  }
+  return key;
+}
+
+/** Whether a comma-separated list (RFC 9110 §5.6.1) has a token, in any case. */
+function hasToken(value: string | null, token: string): boolean {
+  if (value === null) return false;
+  return value.split(",").some((item) => item.trim().toLowerCase() === token);
+}
+
+/** The answer to a refused handshake: the connection stays HTTP. */
+function handshakeRefusal(error: HandshakeError): Response {
+  const headers = new Headers({ "content-type": TEXT });
+  if (error.status === 426) {
+    // RFC 6455 §4.4; RFC 9110 §15.5.22 asks for Upgrade, and §7.8 for its
+    // Connection option.
+    headers.set("sec-websocket-version", "13");
+    headers.set("upgrade", "websocket");
+    headers.set("connection", "upgrade");
+  }
+  return new Response(`${error.status} ${REASONS[error.status]}\n`, {
+    status: error.status,
+    headers,
+  });
+}
+
+/**
+ * A response with status 101: the Fetch API allows no status below 200, so
+ * it is made with 200 and, where Deno keeps its status, given 101 there.
+ * Elsewhere it says 200, and is still known by who it is.
+ */
+function switchingProtocols(headers: Headers): Response {
+  const response = new Response(null, { headers });
+  const inner = BODY_SLOTS.inner &&
+    (response as unknown as Record<symbol, { status?: number }>)[
+      BODY_SLOTS.inner
+    ];
+  if (inner && inner.status === 200) inner.status = 101;
+  return response;
+}
+
+/** The subprotocol to answer with: the one asked for, if the client offered it. */
+function chooseProtocol(offered: string | null, wanted?: string): string {
+  if (!wanted || offered === null) return "";
+  // §4.1: subprotocol names are compared as they are, case and all.
+  return offered.split(",").some((name) => name.trim() === wanted)
+    ? wanted
+    : "";
+}
+
+/** The limits of one socket, in ms and bytes. */
+interface SocketSettings {
+  idleTimeout: number;
+  closeTimeout: number;
+  maxMessage: number;
+  maxBuffered: number;
+}
+
+/** The server's limits, with what the upgrade's options say instead. */
+function socketSettings(
+  limits: Limits,
+  options: UpgradeWebSocketOptions,
+): SocketSettings {
+  const { idleTimeout, maxMessage, maxBuffered } = options;
+  // Deno's own option turns pings off with 0; nothing else may be off.
+  if (
+    idleTimeout !== undefined &&
+    !(Number.isFinite(idleTimeout) && idleTimeout >= 0)
+  ) {
+    throw new TypeError(
+      `upgradeWebSocket(): idleTimeout must be a number of seconds, not ${
+        Deno.inspect(idleTimeout)
+      }`,
+    );
+  }
+  for (
+    const [name, value] of [["maxMessage", maxMessage], [
+      "maxBuffered",
+      maxBuffered,
+    ]] as const
+  ) {
+    if (value !== undefined && !(Number.isSafeInteger(value) && value >= 1)) {
+      throw new TypeError(
+        `upgradeWebSocket(): ${name} must be a whole number above 0, not ${
+          Deno.inspect(value)
+        }`,
+      );
+    }
+  }
+  return {
+    idleTimeout: (idleTimeout ?? limits.wsIdleTimeout) * 1000,
+    closeTimeout: limits.wsCloseTimeout * 1000,
+    maxMessage: maxMessage ?? limits.wsMaxMessage,
+    maxBuffered: maxBuffered ?? limits.wsMaxBuffered,
+  };
+}
+
+// ---------------------------------------------------------------------------
+// permessage-deflate (RFC 7692)
+// ---------------------------------------------------------------------------
+
+/** What was agreed for permessage-deflate. */
+interface Deflate {
+  /** The `Sec-WebSocket-Extensions` value of the 101. */
+  extension: string;
+  /** The window the server may compress with (§7.1.2.1). */
+  windowBits: number;
+}
+
+/**
+ * The first permessage-deflate offer the server can accept (RFC 7692 §5,
+ * §7.1), or null. The server answers that neither side keeps its window
+ * between messages (§7.1.1): each message is compressed and decompressed
+ * alone, so a socket holds no zlib state at all — the price is a poorer
+ * ratio for runs of small, alike messages.
+ */
+function negotiateDeflate(header: string | null): Deflate | null {
+  if (header === null) return null;
+  for (const offer of header.split(",")) {
+    const [name, ...parameters] = offer.split(";");
+    if (name.trim().toLowerCase() !== "permessage-deflate") continue;
+    const windowBits = deflateWindow(parameters);
+    // zlib cannot keep to an 8-bit window (it makes it 9): decline (§5).
+    if (windowBits < 9) continue;
+    let extension =
+      "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+    if (windowBits < 15) {
+      extension += `; server_max_window_bits=${windowBits}`;
+    }
+    return { extension, windowBits };
+  }
+  return null;
+}
+
+/**
+ * An offer's parameters (RFC 7692 §7.1): the server's window bits, or 0 to
+ * decline an offer with an unknown, repeated or malformed one (§5.1).
+ */
+function deflateWindow(parameters: string[]): number {
+  const seen = new Set<string>();
+  let windowBits = 15;
+  for (const parameter of parameters) {
+    const [rawName, rawValue] = parameter.split("=");
+    const name = rawName.trim().toLowerCase();
+    // §7.1: a value may be quoted, and must then be digits all the same.
+    const value = rawValue?.trim().replace(/^"(.*)"$/, "$1");
+    if (seen.has(name)) return 0;
+    seen.add(name);
+    const bits = /^(?:8|9|1[0-5])$/.test(value ?? "") ? Number(value) : 0;
+    switch (name) {
+      case "server_no_context_takeover":
+      case "client_no_context_takeover":
+        if (value !== undefined) return 0;
+        break;
+      case "server_max_window_bits":
+        if (!bits) return 0;
+        windowBits = bits;
+        break;
+      case "client_max_window_bits":
+        if (value !== undefined && !bits) return 0;
+        break;
+      default:
+        return 0;
+    }
+  }
+  return windowBits;
+}
+
+type Zlib = typeof import("node:zlib");
+
+/**
+ * `node:zlib`, loaded the first time a socket agrees to compress: it costs
+ * a server that never does nothing (about 9 MB and 40 ms to load).
+ */
+let zlib: Zlib | null = null;
+let zlibLoading: Promise<Zlib> | null = null;
+
+function loadZlib(): Promise<Zlib> {
+  return zlibLoading ??= import("node:zlib").then((module) => zlib = module);
+}
+
+/** Messages shorter than this are sent as they are: compressing saves little. */
+const COMPRESS_FROM = 1024;
+/** What a sync flush ends with, and a sender leaves off (RFC 7692 §7.2.1). */
+const DEFLATE_TAIL = new Uint8Array([0x00, 0x00, 0xff, 0xff]);
+
+/** A message's payload, compressed, or null when that would not shrink it. */
+function compress(payload: Uint8Array, deflate: Deflate): Uint8Array | null {
+  if (!zlib || payload.length < COMPRESS_FROM) return null;
+  const out = zlib.deflateRawSync(payload, {
+    finishFlush: zlib.constants.Z_SYNC_FLUSH,
+    windowBits: deflate.windowBits,
+  });
+  const size = out.length - DEFLATE_TAIL.length;
+  if (size >= payload.length || !endsWith(out, DEFLATE_TAIL)) return null;
+  return out.subarray(0, size);
+}
+
+/**
+ * A compressed message's payload, inflated: its bytes, or the close code
+ * it earns — 1009 past `max` bytes (a few KiB of deflate can claim
+ * gigabytes), 1007 for data that is not deflate.
+ */
+function decompress(payload: Uint8Array, max: number): Uint8Array | number {
+  const input = new Uint8Array(payload.length + DEFLATE_TAIL.length);
+  input.set(payload);
+  input.set(DEFLATE_TAIL, payload.length);
+  try {
+    const out = zlib!.inflateRawSync(input, {
+      finishFlush: zlib!.constants.Z_SYNC_FLUSH,
+      maxOutputLength: max + 1,
+    });
+    // A plain view: a Buffer's slice() would share its memory, not copy it.
+    return out.length > max
+      ? 1009
+      : new Uint8Array(out.buffer, out.byteOffset, out.length);
+  } catch (error) {
+    const code = (error as { code?: string }).code;
+    return code === "ERR_BUFFER_TOO_LARGE" ? 1009 : 1007;
+  }
+}
+
+function endsWith(bytes: Uint8Array, tail: Uint8Array): boolean {
+  const from = bytes.length - tail.length;
+  return from >= 0 && tail.every((byte, i) => bytes[from + i] === byte);
+}
+
+// ---------------------------------------------------------------------------
+// Frames (RFC 6455 §5): parsed like requests, a pure function over bytes
+// ---------------------------------------------------------------------------
+
+const OP_CONTINUATION = 0x0;
+const OP_TEXT = 0x1;
+const OP_BINARY = 0x2;
+const OP_CLOSE = 0x8;
+const OP_PING = 0x9;
+const OP_PONG = 0xa;
+
+/** A frame's head (RFC 6455 §5.2). One per socket, reused for every frame. */
+export class FrameHead {
+  /** The last frame of its message. */
+  fin = false;
+  /** RSV1: the message is compressed (RFC 7692 §6). */
+  compressed = false;
+  /** What the frame is: continuation, text, binary, close, ping or pong. */
+  opcode = 0;
+  /** The payload's length, in bytes. */
+  length = 0;
+  /** The masking key, as four bytes in order (§5.3). */
+  mask0 = 0;
+  /** The key's second byte. */
+  mask1 = 0;
+  /** The key's third byte. */
+  mask2 = 0;
+  /** The key's fourth byte. */
+  mask3 = 0;
+}
+
+/** What the rules for the next frame depend on: the receiver's state. */
+export interface FrameRules {
+  /** permessage-deflate was agreed: RSV1 may mark a message compressed. */
+  deflate: boolean;
+  /** The opcode of the message in progress (text or binary), 0 between messages. */
+  message: number;
+  /** The bytes of the message in progress so far. */
+  received: number;
+  /** The message in progress is compressed. */
+  compressed: boolean;
+  /** The largest message allowed, in bytes. */
+  maxMessage: number;
+}
+
+/**
+ * Parses a frame's head from `buf[start, end)` into `frame`.
+ *
+ * @param buf The bytes received.
+ * @param start Where the frame begins.
+ * @param end Where the bytes end.
+ * @param frame Receives the head.
+ * @param rules The receiver's state that the frame must agree with.
+ * @returns The bytes the head took (> 0; its payload follows),
+ * {@linkcode INCOMPLETE} (0), or minus the close code the frame earns:
+ * 1002 for a protocol error, 1009 for a message too big.
+ */
+export function parseFrameHead(
+  buf: Uint8Array,
+  start: number,
+  end: number,
+  frame: FrameHead,
+  rules: FrameRules,
+): number {
+  if (end - start < 2) return INCOMPLETE;
+  const first = buf[start];
+  const second = buf[start + 1];
+  const opcode = first & 0x0f;
+  const fin = (first & 0x80) !== 0;
+  const rsv1 = (first & 0x40) !== 0;
+  // §5.2: reserved bits only with an extension that gives them a meaning.
+  if (first & 0x30) return -1002;
+  if (opcode >= OP_CLOSE) {
+    // §5.5: control frames are never fragmented, never compressed (RFC 7692
+    // §6.1), and the opcodes past pong are reserved.
+    if (opcode > OP_PONG || !fin || rsv1) return -1002;
+  } else {
+    if (opcode > OP_BINARY) return -1002;
+    // §5.4: a continuation continues a message; text or binary starts one.
+    if ((opcode === OP_CONTINUATION) !== (rules.message !== 0)) return -1002;
+    // RFC 7692 §6: RSV1 on the first frame of a message, once agreed.
+    if (rsv1 && (!rules.deflate || opcode === OP_CONTINUATION)) return -1002;
+  }
+  // §5.1: a client masks every frame it sends.
+  if (!(second & 0x80)) return -1002;
+  let length = second & 0x7f;
+  let p = start + 2;
+  if (length === 126) {
+    if (end - p < 2) return INCOMPLETE;
+    length = buf[p] << 8 | buf[p + 1];
+    p += 2;
+  } else if (length === 127) {
+    if (end - p < 8) return INCOMPLETE;
+    // §5.2: the most significant bit must be 0.
+    if (buf[p] & 0x80) return -1002;
+    length = (buf[p] << 24 | buf[p + 1] << 16 | buf[p + 2] << 8 |
+          buf[p + 3]) * 2 ** 32 +
+      (buf[p + 4] << 24 | buf[p + 5] << 16 | buf[p + 6] << 8 | buf[p + 7]) +
+      (buf[p + 4] & 0x80 ? 2 ** 32 : 0);
+    p += 8;
+  }
+  // §5.5: a control frame's payload is at most 125 bytes.
+  if (opcode >= OP_CLOSE) {
+    if (length > 125) return -1002;
+  } else {
+    // §7.4.1: too big to process, said before a byte of it is read. The
+    // limit is on the message as the application gets it; compressed, a
+    // message that would not shrink grows a little (RFC 1951 §3.2.4), up to
+    // an eighth in fixed Huffman codes: the inflated size is checked later.
+    const compressed = opcode === OP_CONTINUATION ? rules.compressed : rsv1;
+    const max = compressed
+      ? rules.maxMessage + (rules.maxMessage >> 3) + 1024
+      : rules.maxMessage;
+    if (rules.received + length > max) return -1009;
+  }
+  if (end - p < 4) return INCOMPLETE;
+  frame.fin = fin;
+  frame.compressed = rsv1;
+  frame.opcode = opcode;
+  frame.length = length;
+  frame.mask0 = buf[p];
+  frame.mask1 = buf[p + 1];
+  frame.mask2 = buf[p + 2];
+  frame.mask3 = buf[p + 3];
+  return p + 4 - start;
+}
+
+/**
+ * Unmasks `buf[start, end)` in place (RFC 6455 §5.3), `phase` bytes into
+ * the key: four bytes at a time where the buffer is aligned for it.
+ */
+export function unmask(
+  buf: Uint8Array,
+  start: number,
+  end: number,
+  frame: FrameHead,
+  phase: number,
+): void {
+  const { mask0, mask1, mask2, mask3 } = frame;
+  let p = start;
+  if (end - p >= WORDWISE) {
+    while (((buf.byteOffset + p) & 3) !== 0) {
+      buf[p++] ^= maskByte(frame, phase++);
+    }
+    // The key as a little-endian word, turned to where the aligned run starts.
+    const words = (end - p) >> 2;
+    const word = (maskByte(frame, phase) | maskByte(frame, phase + 1) << 8 |
+      maskByte(frame, phase + 2) << 16 | maskByte(frame, phase + 3) << 24) >>>
+      0;
+    const view = new Uint32Array(buf.buffer, buf.byteOffset + p, words);
+    for (let i = 0; i < words; i++) view[i] ^= word;
+    p += words * 4;
+  }
+  for (; p < end; p++, phase++) {
+    const at = phase & 3;
+    buf[p] ^= at === 0 ? mask0 : at === 1 ? mask1 : at === 2 ? mask2 : mask3;
+  }
+}
+
+/** Below this many bytes, a word view costs more than it saves. */
+const WORDWISE = 64;
+
+function maskByte(frame: FrameHead, phase: number): number {
+  const at = phase & 3;
+  return at === 0
+    ? frame.mask0
+    : at === 1
+    ? frame.mask1
+    : at === 2
+    ? frame.mask2
+    : frame.mask3;
+}
+
+/**
+ * Whether a close code may travel in a close frame (RFC 6455 §7.4): those
+ * defined (1004, 1005, 1006 and 1015 never do) and the registered and
+ * private ranges.
+ */
+function isSendableCode(code: number): boolean {
+  return (code >= 1000 && code <= 1014 && code !== 1004 && code !== 1005 &&
+    code !== 1006) || (code >= 3000 && code <= 4999);
+}
+
+/** Text decoding that fails on invalid UTF-8 (§8.1) and keeps a BOM. */
+const STRICT_UTF8 = { fatal: true, ignoreBOM: true };
+const strictDecoder = new TextDecoder("utf-8", STRICT_UTF8);
+
+/** The bytes of a text, or null when they are not UTF-8. */
+function strictText(bytes: Uint8Array): string | null {
+  try {
+    return strictDecoder.decode(bytes);
+  } catch {
+    return null;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The sender: the one writer of a socket's frames
+// ---------------------------------------------------------------------------
+
+/**
+ * Frames a socket sends: each written into one batch as it is sent, and
+ * the batch of one turn of the event loop leaves in one write, one write at
+ * a time. `buffered` is the application's bytes not yet written:
+ * `bufferedAmount`.
+ */
+class WebSocketSender {
+  /** Application bytes sent and not yet written. */
+  buffered = 0;
+  /** A close frame is queued: no data frame may follow it (§5.5.1). */
+  closing = false;
+  /** The frames queued, one after another, are `#batch[0, #used)`. */
+  #batch: Uint8Array | null = null;
+  #used = 0;
+  /** Application bytes in the batch. */
+  #data = 0;
+  /** A write is scheduled or under way. */
+  #busy = false;
+  #flush = () => this.#write();
+  /** Sends waiting for a Blob's bytes, so that messages keep their order. */
+  #order: Promise<void> | null = null;
+  #drained: (() => void)[] = [];
+
+  constructor(
+    readonly connection: Connection,
+    readonly deflate: Deflate | null,
+  ) {}
+
+  /** A text message (§5.6). */
+  text(text: string): void {
+    if (this.deflate === null && text.length <= MAX_TEXT_BODY) {
+      const size = utf8Length(text);
+      const at = this.#frame(OP_TEXT, size, false, size);
+      encoder.encodeInto(text, this.#batch!.subarray(at, at + size));
+      return;
+    }
+    this.message(OP_TEXT, encoder.encode(text));
+  }
+
+  /**
+   * A text or binary message of these bytes, copied into the batch at once:
+   * the caller may change them afterwards.
+   */
+  message(opcode: number, payload: Uint8Array): void {
+    const compressed = this.deflate && compress(payload, this.deflate);
+    const bytes = compressed || payload;
+    const at = this.#frame(opcode, bytes.length, !!compressed, payload.length);
+    this.#batch!.set(bytes, at);
+  }
+
+  /**
+   * A message whose bytes come later (a Blob's): it and every send after it
+   * wait their turn.
+   */
+  later(size: number, bytes: Promise<ArrayBuffer>): void {
+    this.buffered += size;
+    bytes.catch(() => {}); // handled below, in its turn
+    const previous = this.#order ?? Promise.resolve();
+    const turn: Promise<void> = previous.then(() => bytes).then((payload) => {
+      this.buffered -= size;
+      if (!this.closing) this.message(OP_BINARY, new Uint8Array(payload));
+    }, () => {
+      this.buffered -= size;
+    }).finally(() => {
+      if (this.#order === turn) this.#order = null;
+    });
+    this.#order = turn;
+  }
+
+  /** A Blob's bytes are awaited: later sends wait their turn behind it. */
+  get waiting(): boolean {
+    return this.#order !== null;
+  }
+
+  /** Runs `send` after the Blobs sent before it. */
+  inTurn(size: number, send: () => void): void {
+    this.buffered += size;
+    const turn: Promise<void> = this.#order!.then(() => {
+      this.buffered -= size;
+      if (!this.closing) send();
+    }).finally(() => {
+      if (this.#order === turn) this.#order = null;
+    });
+    this.#order = turn;
+  }
+
+  ping(): void {
+    this.#frame(OP_PING, 0, false, 0);
+  }
+
+  pong(payload: Uint8Array): void {
+    const at = this.#frame(OP_PONG, payload.length, false, 0);
+    this.#batch!.set(payload, at);
+  }
+
+  /** The close frame (§5.5.1): a code and a reason, or nothing at all. */
+  close(code?: number, reason: Uint8Array = EMPTY): void {
+    if (this.closing) return;
+    const length = code === undefined ? 0 : 2 + reason.length;
+    const at = this.#frame(OP_CLOSE, length, false, 0);
+    if (code !== undefined) {
+      const batch = this.#batch!;
+      batch[at] = code >> 8;
+      batch[at + 1] = code & 0xff;
+      batch.set(reason, at + 2);
+    }
+    this.closing = true;
+  }
+
+  /** Resolves when everything queued so far is written (or cannot be). */
+  drained(): Promise<void> {
+    if (!this.#busy) return Promise.resolve();
+    return new Promise((resolve) => this.#drained.push(resolve));
+  }
+
+  /**
+   * Writes a frame's head (§5.2: final, unmasked) at the end of the batch,
+   * with room for `length` bytes of payload, `data` of them the
+   * application's; the first frame of a turn schedules the write.
+   * @returns Where in the batch the payload goes.
+   */
+  #frame(
+    opcode: number,
+    length: number,
+    compressed: boolean,
+    data: number,
+  ): number {
+    const head = length < 126 ? 2 : length < 65536 ? 4 : 10;
+    const size = head + length;
+    let batch = this.#batch;
+    if (batch === null) {
+      batch = this.#batch = size <= SEND_BATCH
+        ? SPARE_BATCHES.pop() ?? new Uint8Array(SEND_BATCH)
+        : new Uint8Array(size <= BODY_BUFFER ? 4 * size : size);
+    } else if (this.#used + size > batch.length) {
+      const larger = new Uint8Array(
+        Math.max(2 * batch.length, this.#used + size),
+      );
+      larger.set(batch.subarray(0, this.#used));
+      spare(batch);
+      batch = this.#batch = larger;
+    }
+    const at = this.#used;
+    batch[at] = 0x80 | (compressed ? 0x40 : 0) | opcode;
+    if (head === 2) {
+      batch[at + 1] = length;
+    } else if (head === 4) {
+      batch[at + 1] = 126;
+      batch[at + 2] = length >> 8;
+      batch[at + 3] = length & 0xff;
+    } else {
+      batch[at + 1] = 127;
+      const high = Math.floor(length / 2 ** 32);
+      for (let i = 0; i < 4; i++) {
+        batch[at + 5 - i] = (high >>> (8 * i)) & 0xff;
+        batch[at + 9 - i] = (length >>> (8 * i)) & 0xff;
+      }
+    }
+    this.#used += size;
+    this.#data += data;
+    this.buffered += data;
+    if (!this.#busy) {
+      this.#busy = true;
+      queueMicrotask(this.#flush);
+    }
+    return at + head;
+  }
+
+  async #write(): Promise<void> {
+    try {
+      while (this.#used > 0) {
+        const batch = this.#batch!;
+        const used = this.#used;
+        const data = this.#data;
+        this.#batch = null;
+        this.#used = this.#data = 0;
+        await writeAll(this.connection.stream, batch.subarray(0, used));
+        this.buffered -= data;
+        spare(batch);
+      }
+    } catch {
+      // The client is gone: the connection loop's read says so too.
+      this.connection.close();
+    } finally {
+      this.#busy = false;
+      for (const resolve of this.#drained.splice(0)) resolve();
+    }
+  }
+}
+
+/**
+ * Batches of frames are written from buffers of this size, kept for the
+ * next socket that sends: a socket holds one only while it has frames to
+ * write, and an idle one none.
+ */
+const SEND_BATCH = 16 * 1024;
+const SPARE_BATCHES: Uint8Array[] = [];
+const MAX_SPARE_BATCHES = 256;
+
+function spare(batch: Uint8Array): void {
+  if (
+    batch.length === SEND_BATCH && SPARE_BATCHES.length < MAX_SPARE_BATCHES
+  ) SPARE_BATCHES.push(batch);
+}
+
+/** Parts, one after another, in one array of `size` bytes. */
+function join(parts: Uint8Array[], size: number): Uint8Array {
+  const joined = new Uint8Array(size);
+  let offset = 0;
+  for (const part of parts) {
+    joined.set(part, offset);
+    offset += part.length;
+  }
+  return joined;
+}
+
+// ---------------------------------------------------------------------------
+// A socket's session: the receiver's state, its deadlines, its events
+// ---------------------------------------------------------------------------
+
+const CONNECTING = 0;
+const OPEN = 1;
+const CLOSING = 2;
+const CLOSED = 3;
+
+/** What an upgrade agreed, for its session. */
+interface Agreement {
+  key: string;
+  url: string;
+  protocol: string;
+  deflate: Deflate | null;
+  response: Response;
+}
+
+/**
+ * One upgraded connection: takes the frames the connection loop reads,
+ * assembles messages (§5.4), answers pings, does the close handshake
+ * (§7.1.2), and tells the socket what happened.
+ */
+class WebSocketSession {
+  readyState = CONNECTING;
+  readonly socket: ServerWebSocket;
+  readonly sender: WebSocketSender;
+  readonly frame = new FrameHead();
+  readonly rules: FrameRules;
+  /** The close frame received, once it is. */
+  closeCode = 0;
+  closeReason = "";
+  /** Why the server failed the connection (§7.1.7), if it did. */
+  failure = "";
+  /** The bytes a frame that came in part needs in the read buffer, whole. */
+  wanted = 0;
+  /** Bytes of the current data frame's payload still to come, and the key's phase. */
+  #left = 0;
+  #phase = 0;
+  #inFrame = false;
+  /** The message's pieces so far, when it did not come whole. */
+  #parts: Uint8Array[] = [];
+  /** A text message's text so far, checked as it comes (§8.1). */
+  #text = "";
+  #decoder: TextDecoder | null = null;
+  #pinged = false;
+
+  constructor(
+    readonly server: ServerState,
+    readonly connection: Connection,
+    readonly settings: SocketSettings,
+    readonly agreed: Agreement,
+  ) {
+    this.sender = new WebSocketSender(connection, agreed.deflate);
+    this.socket = new ServerWebSocket(this);
+    this.rules = {
+      deflate: agreed.deflate !== null,
+      message: 0,
+      received: 0,
+      compressed: false,
+      maxMessage: settings.maxMessage,
+    };
+    if (agreed.deflate) loadZlib();
+  }
+
+  /** The 101 is out: the connection is a WebSocket connection. */
+  open(): void {
+    this.heard();
+    if (this.readyState !== CONNECTING) return; // closed before it opened
+    this.readyState = OPEN;
+    this.socket.dispatchEvent(new Event("open"));
+  }
+
+  /** Bytes came: the client is alive, and its idle time starts again. */
+  heard(): void {
+    if (this.sender.closing) return;
+    this.#pinged = false;
+    const idle = this.settings.idleTimeout;
+    this.connection.deadline = idle > 0 ? this.server.now + idle : Infinity;
+  }
+
+  /**
+   * Takes the frames in `buf[start, end)`: messages are dispatched, pings
+   * answered, a close frame answered.
+   * @returns The bytes consumed, or minus the close code the client earned.
+   */
+  receive(buf: Uint8Array, start: number, end: number): number {
+    const { frame, rules } = this;
+    let p = start;
+    while (this.closeCode === 0) {
+      if (!this.#inFrame) {
+        const head = parseFrameHead(buf, p, end, frame, rules);
+        if (head === INCOMPLETE) break;
+        if (head < 0) return head;
+        const payload = p + head;
+        if (frame.opcode >= OP_CLOSE) {
+          // A control frame acts on its whole payload (§5.5): wait for it.
+          if (end - payload < frame.length) break;
+          unmask(buf, payload, payload + frame.length, frame, 0);
+          const code = this.#control(
+            buf.subarray(payload, payload + frame.length),
+          );
+          if (code) return -code;
+          p = payload + frame.length;
+          continue;
+        }
+        // A frame that fits in the read buffer is waited for whole: taken
+        // in pieces, its payload would be copied once more.
+        if (
+          end - payload < frame.length && head + frame.length <= BODY_BUFFER
+        ) {
+          this.wanted = head + frame.length;
+          break;
+        }
+        p = payload;
+        if (frame.opcode !== OP_CONTINUATION) {
+          rules.message = frame.opcode;
+          rules.compressed = frame.compressed;
+        }
+        if (
+          frame.fin && frame.opcode !== OP_CONTINUATION &&
+          end - p >= frame.length
+        ) {
+          // The usual case: a whole message in one frame, all here.
+          unmask(buf, p, p + frame.length, frame, 0);
+          const code = this.#finish(buf.subarray(p, p + frame.length));
+          if (code) return -code;
+          p += frame.length;
+          continue;
+        }
+        this.#inFrame = true;
+        this.#left = frame.length;
+        this.#phase = 0;
+      }
+      const take = Math.min(this.#left, end - p);
+      if (take === 0 && this.#left > 0) break;
+      unmask(buf, p, p + take, frame, this.#phase);
+      this.#phase = (this.#phase + take) & 3;
+      const code = this.#append(buf.subarray(p, p + take));
+      if (code) return -code;
+      p += take;
+      this.#left -= take;
+      if (this.#left === 0) {
+        this.#inFrame = false;
+        if (frame.fin) {
+          const code = this.#finish(null);
+          if (code) return -code;
+        }
+      }
+    }
+    return p - start;
+  }
+
+  /** A piece of a message that did not come whole: kept, and text checked. */
+  #append(piece: Uint8Array): number {
+    this.rules.received += piece.length;
+    if (this.rules.message === OP_TEXT && !this.rules.compressed) {
+      try {
+        this.#decoder ??= new TextDecoder("utf-8", STRICT_UTF8);
+        // §8.1: invalid UTF-8 fails the connection as soon as it is seen.
+        this.#text += this.#decoder.decode(piece, { stream: true });
+      } catch {
+        return 1007;
+      }
+    } else if (piece.length > 0) {
+      this.#parts.push(piece.slice());
+    }
+    return 0;
+  }
+
+  /**
+   * The message is complete: `whole` is all of it, or it is in `#parts`.
+   * @returns 0, or the close code it earned.
+   */
+  #finish(whole: Uint8Array | null): number {
+    const { rules } = this;
+    const { message: opcode, compressed } = rules;
+    let bytes = whole;
+    let text: string | null = null;
+    if (whole === null && opcode === OP_TEXT && !compressed) {
+      try {
+        text = this.#text + this.#decoder!.decode();
+      } catch {
+        return 1007; // it ended inside a character
+      }
+    } else if (whole === null) {
+      bytes = join(this.#parts, rules.received);
+    }
+    this.#parts = [];
+    this.#text = "";
+    rules.message = rules.received = 0;
+    if (compressed) {
+      const inflated = decompress(bytes!, rules.maxMessage);
+      if (typeof inflated === "number") return inflated;
+      bytes = inflated;
+    }
+    if (opcode === OP_TEXT && text === null) {
+      text = strictText(bytes!);
+      if (text === null) return 1007;
+    }
+    // Only an open socket delivers (WHATWG: a closing one drops messages).
+    if (this.readyState !== OPEN) return 0;
+    this.socket.dispatchEvent(
+      new MessageEvent("message", {
+        data: text ??
+          this.socket.binaryData(bytes!, whole !== null && !compressed),
+      }),
+    );
+    return 0;
+  }
+
+  /** A ping, pong or close frame's whole payload (§5.5). */
+  #control(payload: Uint8Array): number {
+    switch (this.frame.opcode) {
+      case OP_PING:
+        if (!this.sender.closing) this.sender.pong(payload);
+        return 0;
+      case OP_PONG:
+        return 0;
+    }
+    // §5.5.1: a close frame has nothing, or a code and a UTF-8 reason.
+    if (payload.length === 1) return 1002;
+    const code = payload.length === 0 ? 1005 : payload[0] << 8 | payload[1];
+    if (payload.length > 0 && !isSendableCode(code)) return 1002;
+    const reason = strictText(payload.subarray(2));
+    if (reason === null) return 1007;
+    this.closeCode = code;
+    this.closeReason = reason;
+    if (this.readyState === OPEN) this.readyState = CLOSING;
+    // §5.5.1: the answer echoes the code (none for none), and, as Deno's
+    // sockets do, the reason.
+    this.sender.close(
+      code === 1005 ? undefined : code,
+      payload.subarray(2).slice(),
+    );
+    return 0;
+  }
+
+  /**
+   * Starts the closing handshake (§7.1.2): the close frame, then the
+   * client's answer awaited until the close timeout.
+   */
+  close(code?: number, reason?: Uint8Array): void {
+    if (this.readyState === CLOSING || this.readyState === CLOSED) return;
+    this.readyState = CLOSING;
+    this.sender.close(code, reason);
+    this.connection.deadline = this.server.now + this.settings.closeTimeout;
+  }
+
+  /**
+   * The server fails the connection (§7.1.7): the close frame with the
+   * code, if none was sent yet; the connection loop then closes.
+   */
+  fail(code: number, why: string): void {
+    this.failure ||= why;
+    if (this.readyState !== CLOSED) this.readyState = CLOSING;
+    this.sender.close(code);
+  }
+
+  /** The ticker found the deadline passed: ping, or give up on the client. */
+  expire(): void {
+    const { connection } = this;
+    if (this.sender.closing) {
+      connection.close(); // the closing handshake did not finish in time
+    } else if (!this.#pinged) {
+      this.#pinged = true;
+      this.sender.ping();
+      connection.deadline = this.server.now + this.settings.idleTimeout;
+      if (connection.isSilent()) shrink(connection);
+    } else {
+      // No answer to the ping: going away (1001), and cut once that is out.
+      this.fail(1001, "the client answered no ping");
+      connection.deadline = this.server.now + this.settings.closeTimeout;
+      this.sender.drained().then(() => connection.close());
+    }
+  }
+
+  /** `send()` queued past the bound for a client that reads nothing. */
+  overflowed(): void {
+    this.failure ||= "the client read too slowly: " +
+      `more than ${this.settings.maxBuffered} bytes were queued`;
+    this.readyState = CLOSING;
+    this.connection.close();
+  }
+
+  /**
+   * The connection is closed: the socket is too (WHATWG "the WebSocket
+   * connection is closed"), cleanly only after both close frames.
+   */
+  closed(): void {
+    if (this.readyState === CLOSED) return;
+    this.readyState = CLOSED;
+    const wasClean = this.closeCode !== 0 && this.sender.closing &&
+      !this.failure;
+    if (this.failure) {
+      this.socket.dispatchEvent(
+        new ErrorEvent("error", { message: this.failure }),
+      );
+    }
+    this.socket.dispatchEvent(
+      new CloseEvent("close", {
+        code: this.closeCode || 1006,
+        reason: this.closeReason,
+        wasClean,
+      }),
+    );
+  }
+}
+
+/**
+ * Serves an upgraded connection until it closes: read, take the frames,
+ * read again. A frame that breaks the rules fails the connection with its
+ * close code; the client's close frame ends it cleanly.
+ */
+async function serveWebSocket(
+  server: ServerState,
+  connection: Connection,
+  session: WebSocketSession,
+): Promise<void> {
+  connection.state = SOCKET;
+  try {
+    if (session.agreed.deflate) await loadZlib();
+    session.open();
+    let verdict: number;
+    while (true) {
+      verdict = session.receive(
+        connection.buffer,
+        connection.start,
+        connection.end,
+      );
+      if (verdict < 0 || session.closeCode) break;
+      connection.start += verdict;
+      if (session.wanted > 0) roomFor(connection, session.wanted);
+      session.wanted = 0;
+      const count = await (connection.watch ??
+        connection.stream.read(makeRoom(connection, BODY_BUFFER)));
+      connection.watch = null;
+      if (!received(connection, count)) return;
+      session.heard();
+    }
+    if (verdict < 0) {
+      session.fail(-verdict, `the client broke the protocol (${-verdict})`);
+    }
+    // §7.1.1: the server closes the TCP connection first, once its close
+    // frame is out; lingering keeps unread bytes from resetting it. The
+    // socket is closed for the application already: nothing more can come.
+    await session.sender.drained();
+    session.closed();
+    await linger(server, connection);
+  } finally {
+    session.closed();
+  }
+}
+
+/** Makes the read buffer hold `wanted` bytes from where the unread ones start. */
+function roomFor(connection: Connection, wanted: number): void {
+  const { buffer, start, end } = connection;
+  if (buffer.length - start >= wanted) return;
+  if (buffer.length >= wanted) {
+    buffer.copyWithin(0, start, end);
+  } else {
+    connection.buffer = new Uint8Array(wanted);
+    connection.buffer.set(buffer.subarray(start, end));
+  }
+  connection.start = 0;
+  connection.end = end - start;
+}
+
+/**
+ * Writes the 101 that accepts an upgrade (RFC 6455 §4.2.2), with the
+ * handler's other fields, and logs it.
+ */
+async function acceptUpgrade(
+  server: ServerState,
+  connection: Connection,
+  session: WebSocketSession,
+  response: Response,
+  line: string,
+  began: number,
+): Promise<void> {
+  const { key, protocol, deflate } = session.agreed;
+  const digest = await crypto.subtle.digest(
+    "SHA-1",
+    encoder.encode(key + WEBSOCKET_GUID),
+  );
+  let head = "HTTP/1.1 101 Switching Protocols\r\n";
+  for (const [name, value] of fieldsOf(response)) {
+    if (!HANDSHAKE_FIELDS.has(name.toLowerCase())) {
+      head += `${name}: ${value}\r\n`;
+    }
+  }
+  head += "Upgrade: websocket\r\nConnection: Upgrade\r\n" +
+    `Sec-WebSocket-Accept: ${
+      btoa(String.fromCharCode(...new Uint8Array(digest)))
+    }\r\n`;
+  if (protocol) head += `Sec-WebSocket-Protocol: ${protocol}\r\n`;
+  if (deflate) head += `Sec-WebSocket-Extensions: ${deflate.extension}\r\n`;
+  queue(connection, joinBytes(head + "\r\n", EMPTY));
+  server.log?.write(connection, line, 101, 0, began);
+  await flush(server, connection);
+}
+
+/** RFC 6455 §1.3: what the key is hashed with. */
+const WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/** The 101's fields the server writes itself, whatever the response says. */
+const HANDSHAKE_FIELDS = new Set([
+  "upgrade",
+  "connection",
+  "sec-websocket-accept",
+  "sec-websocket-protocol",
+  "sec-websocket-extensions",
+  "content-length",
+  "transfer-encoding",
+  "keep-alive",
+]);
+
+// ---------------------------------------------------------------------------
+// The socket the application holds: the WHATWG WebSocket, in shape
+// ---------------------------------------------------------------------------
+
+type EventHandler = ((event: Event) => void) | null;
+
+/**
+ * The server's end of a WebSocket, as the WHATWG `WebSocket` is the
+ * client's: events, `send()`, `close()`, `bufferedAmount`. It only
+ * dispatches and delegates; the session does the work.
+ */
+class ServerWebSocket extends EventTarget {
+  static readonly CONNECTING = CONNECTING;
+  static readonly OPEN = OPEN;
+  static readonly CLOSING = CLOSING;
+  static readonly CLOSED = CLOSED;
+  declare readonly CONNECTING: 0;
+  declare readonly OPEN: 1;
+  declare readonly CLOSING: 2;
+  declare readonly CLOSED: 3;
+  #session: WebSocketSession;
+  #binaryType: BinaryType = "arraybuffer";
+  #handlers: Record<string, EventHandler> | null = null;
+
+  constructor(session: WebSocketSession) {
+    super();
+    this.#session = session;
+  }
+
+  /** The URL the client asked for, as `ws:` or `wss:`. */
+  get url(): string {
+    return this.#session.agreed.url;
+  }
+
+  /** The subprotocol agreed, or "". */
+  get protocol(): string {
+    return this.#session.agreed.protocol;
+  }
+
+  /** The extensions agreed (`permessage-deflate; …`), or "". */
+  get extensions(): string {
+    return this.#session.agreed.deflate?.extension ?? "";
+  }
+
+  /** 0 connecting, 1 open, 2 closing, 3 closed. */
+  get readyState(): number {
+    return this.#session.readyState;
+  }
+
+  /** Bytes given to `send()` and not yet written to the connection. */
+  get bufferedAmount(): number {
+    return this.#session.sender.buffered;
+  }
+
+  /**
+   * How binary messages arrive: "arraybuffer" (the default, as on Deno's
+   * server sockets) or "blob".
+   */
+  get binaryType(): BinaryType {
+    return this.#binaryType;
+  }
+
+  set binaryType(type: BinaryType) {
+    // A WebIDL enumeration: any other value is ignored.
+    if (type === "arraybuffer" || type === "blob") this.#binaryType = type;
+  }
+
+  /** A binary message's data as the binary type asks (its bytes are a view to copy when `shared`). */
+  binaryData(bytes: Uint8Array, shared: boolean): ArrayBuffer | Blob {
+    if (this.#binaryType === "blob") return new Blob([bytes as BufferSource]);
+    if (
+      !shared && bytes.byteOffset === 0 &&
+      bytes.byteLength === bytes.buffer.byteLength
+    ) {
+      return bytes.buffer as ArrayBuffer;
+    }
+    return bytes.slice().buffer;
+  }
+
+  /**
+   * Sends a message: a string as text, binary data (a copy of it, taken
+   * now) as binary. While closing or closed it only counts toward
+   * `bufferedAmount`, as the standard says.
+   * @throws {DOMException} InvalidStateError before the socket is open.
+   */
+  send(data: string | ArrayBufferLike | ArrayBufferView | Blob): void {
+    const session = this.#session;
+    if (session.readyState === CONNECTING) {
+      throw new DOMException("the socket is not open yet", "InvalidStateError");
+    }
+    const sender = session.sender;
+    if (session.readyState !== OPEN || sender.closing) {
+      sender.buffered += sizeOf(data);
+    } else if (data instanceof Blob) {
+      sender.later(data.size, data.arrayBuffer());
+    } else if (sender.waiting) {
+      // It waits: its bytes as they are now.
+      const now = typeof data === "string" ? data : bytesOf(data).slice();
+      sender.inTurn(sizeOf(data), () => sendNow(sender, now));
+    } else {
+      sendNow(sender, data);
+    }
+    if (sender.buffered > session.settings.maxBuffered) session.overflowed();
+  }
+
+  /**
+   * Starts the closing handshake.
+   * @throws {DOMException} InvalidAccessError for a code other than 1000
+   * or 3000–4999; SyntaxError for a reason over 123 bytes.
+   */
+  close(code?: number, reason?: string): void {
+    if (code !== undefined) {
+      code = Math.trunc(Number(code)) & 0xffff;
+      if (code !== 1000 && (code < 3000 || code > 4999)) {
+        throw new DOMException(
+          `close code ${code} is not 1000 or 3000-4999`,
+          "InvalidAccessError",
+        );
+      }
+    }
+    const bytes = reason === undefined ? EMPTY : encoder.encode(reason);
+    if (bytes.length > 123) {
+      throw new DOMException(
+        "the close reason is over 123 bytes",
+        "SyntaxError",
+      );
+    }
+    this.#session.close(code ?? (bytes.length > 0 ? 1000 : undefined), bytes);
+  }
+
+  get onopen(): EventHandler {
+    return this.#handler("open");
+  }
+  set onopen(listener: EventHandler) {
+    this.#setHandler("open", listener);
+  }
+  get onmessage(): EventHandler {
+    return this.#handler("message");
+  }
+  set onmessage(listener: EventHandler) {
+    this.#setHandler("message", listener);
+  }
+  get onclose(): EventHandler {
+    return this.#handler("close");
+  }
+  set onclose(listener: EventHandler) {
+    this.#setHandler("close", listener);
+  }
+  get onerror(): EventHandler {
+    return this.#handler("error");
+  }
+  set onerror(listener: EventHandler) {
+    this.#setHandler("error", listener);
+  }
+
+  #handler(type: string): EventHandler {
+    return this.#handlers?.[type] ?? null;
+  }
+
+  /**
+   * An event handler attribute (HTML §8.1.8.1): one listener, added when
+   * it is first set, that calls whatever the attribute holds then.
+   */
+  #setHandler(type: string, listener: EventHandler): void {
+    const handlers = this.#handlers ??= {};
+    if (!(type in handlers)) {
+      this.addEventListener(type, (event) => handlers[type]?.call(this, event));
+    }
+    handlers[type] = typeof listener === "function" ? listener : null;
+  }
+}
+
+for (
+  const [name, value] of Object.entries({ CONNECTING, OPEN, CLOSING, CLOSED })
+) {
+  Object.defineProperty(ServerWebSocket.prototype, name, {
+    value,
+    enumerable: true,
+  });
+}
+
+function sendNow(
+  sender: WebSocketSender,
+  data: string | ArrayBufferLike | ArrayBufferView,
+): void {
+  if (typeof data === "string") sender.text(data);
+  else sender.message(OP_BINARY, bytesOf(data));
+}
+
+/** The bytes a message will take: UTF-8 for a string. */
+function sizeOf(
+  data: string | ArrayBufferLike | ArrayBufferView | Blob,
+): number {
+  if (typeof data === "string") return utf8Length(data);
+  if (data instanceof Blob) return data.size;
+  return data.byteLength;
+}
+
+/** Binary data's bytes, in place. */
+function bytesOf(data: ArrayBufferLike | ArrayBufferView): Uint8Array {
+  return ArrayBuffer.isView(data)
+    ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
+    : new Uint8Array(data);
+}
+
+/**
+ * Makes `Deno.upgradeWebSocket` upgrade this server's requests too, so that
+ * an application written for `Deno.serve` — Hono's `hono/deno` helper among
+ * them — runs unchanged: a request of this server goes to
+ * upgradeWebSocket(), any other to Deno's own, as before.
+ */
+function adoptDenoUpgrade(): void {
+  const own = Deno.upgradeWebSocket as typeof Deno.upgradeWebSocket & {
+    [ADOPTED]?: true;
+  };
+  if (typeof own !== "function" || own[ADOPTED]) return;
+  const upgrade = Object.assign(
+    (request: Request, options?: Deno.UpgradeWebSocketOptions) =>
+      UPGRADES.has(request)
+        ? upgradeWebSocket(request, options)
+        : own(request, options),
+    { [ADOPTED]: true as const },
+  );
+  try {
+    Object.defineProperty(Deno, "upgradeWebSocket", {
+      value: upgrade,
+      writable: true,
+      configurable: true,
+    });
+  } catch {
+    // A Deno that will not have it: upgradeWebSocket() from here still works.
+  }
+}
+
+const ADOPTED = Symbol("hello-server upgradeWebSocket");
+
+// ---------------------------------------------------------------------------
 // The access log: Common Log Format, buffered
 // ---------------------------------------------------------------------------
 
@@ -4646,11 +6204,18 @@ const shutdowns: (() => void)[] = [];
 function onSignal(shutdown: () => void): void {
   shutdowns.push(shutdown);
   if (shutdowns.length > 1) return;
-  let received = false;
+  let first = -1;
   const handler = () => {
-    if (received) Deno.exit(130);
-    received = true;
-    for (const each of shutdowns) each();
+    const now = performance.now();
+    if (first < 0) {
+      first = now;
+      for (const each of shutdowns) each();
+    } else if (now - first > SAME_SIGNAL * 1000) {
+      Deno.exit(130);
+    }
+    // One signal may come twice at once: sent to the process and to its
+    // group (GNU timeout does so, and a terminal's Ctrl-C reaches a task
+    // runner and its child). Only a later one means "now".
   };
   Deno.addSignalListener("SIGINT", handler);
   if (Deno.build.os !== "windows") Deno.addSignalListener("SIGTERM", handler);

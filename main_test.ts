@@ -8,9 +8,16 @@
  */
 import assert from "node:assert/strict";
 import {
+  constants as zlibConstants,
+  deflateRawSync,
+  inflateRawSync,
+} from "node:zlib";
+import {
+  FrameHead,
   HELLO_PAGE,
   INCOMPLETE,
   NOT_FOUND_PAGE,
+  parseFrameHead,
   parseRequest,
   RequestHead,
   serve,
@@ -19,6 +26,8 @@ import {
   type ServeHandler,
   type ServeOptions,
   type Server,
+  upgradeWebSocket,
+  type UpgradeWebSocketOptions,
 } from "./main.ts";
 
 const encoder = new TextEncoder();
@@ -208,6 +217,14 @@ class Client {
     if (!head) return null;
     const body = await this.body(head, options.head);
     return { ...head, body, text: decoder.decode(body) };
+  }
+
+  /** The next `count` bytes, or null if the server closes before them. */
+  async exactly(count: number): Promise<Uint8Array | null> {
+    while (this.#buffer.length < count) {
+      if (!await this.#more()) return null;
+    }
+    return this.#take(count);
   }
 
   /** True when the server closes without sending anything more. */
@@ -5038,4 +5055,1063 @@ Deno.test("serve() answers earlier pipelined requests before a handler that take
       client.close();
     }
   });
+});
+
+// ---------------------------------------------------------------------------
+// WebSockets (RFC 6455, RFC 7692)
+// ---------------------------------------------------------------------------
+
+/** RFC 6455 §1.3's example key, and the accept value it must get. */
+const WS_KEY = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/** An opening handshake (RFC 6455 §4.1), with `fields` added or replacing. */
+function handshake(
+  fields: Record<string, string | null> = {},
+  line = "GET /chat HTTP/1.1",
+): string {
+  const all: Record<string, string | null> = {
+    host: "localhost",
+    upgrade: "websocket",
+    connection: "Upgrade",
+    "sec-websocket-key": WS_KEY,
+    "sec-websocket-version": "13",
+    ...fields,
+  };
+  let text = `${line}\r\n`;
+  for (const [name, value] of Object.entries(all)) {
+    if (value !== null) text += `${name}: ${value}\r\n`;
+  }
+  return text + "\r\n";
+}
+
+/** A client frame (RFC 6455 §5.2): masked unless told not to. */
+function wsFrame(
+  opcode: number,
+  payload: Uint8Array | string = new Uint8Array(0),
+  { fin = true, rsv = 0, masked = true, key = [0x37, 0xfa, 0x21, 0x3d] } = {},
+): Uint8Array {
+  const data = typeof payload === "string" ? encoder.encode(payload) : payload;
+  const length = data.length;
+  const head = length < 126 ? 2 : length < 65536 ? 4 : 10;
+  const bytes = new Uint8Array(head + (masked ? 4 : 0) + length);
+  bytes[0] = (fin ? 0x80 : 0) | rsv << 4 | opcode;
+  bytes[1] = (masked ? 0x80 : 0) |
+    (head === 2 ? length : head === 4 ? 126 : 127);
+  if (head === 4) bytes.set([length >> 8, length & 0xff], 2);
+  if (head === 10) new DataView(bytes.buffer).setBigUint64(2, BigInt(length));
+  let at = head;
+  if (masked) {
+    bytes.set(key, at);
+    at += 4;
+  }
+  for (let i = 0; i < length; i++) {
+    bytes[at + i] = masked ? data[i] ^ key[i & 3] : data[i];
+  }
+  return bytes;
+}
+
+/** A close frame's payload: the code, then the reason. */
+function closePayload(code: number, reason = ""): Uint8Array {
+  const text = encoder.encode(reason);
+  const bytes = new Uint8Array(2 + text.length);
+  bytes.set([code >> 8, code & 0xff]);
+  bytes.set(text, 2);
+  return bytes;
+}
+
+interface Frame {
+  fin: boolean;
+  rsv: number;
+  opcode: number;
+  payload: Uint8Array;
+}
+
+/** The next frame from the server (never masked, §5.1), or null at the end. */
+async function readFrame(client: Client): Promise<Frame | null> {
+  const start = await client.exactly(2);
+  if (!start) return null;
+  assert.equal(start[1] & 0x80, 0, "a server frame is not masked");
+  let length = start[1] & 0x7f;
+  if (length === 126) {
+    const more = (await client.exactly(2))!;
+    length = more[0] << 8 | more[1];
+  } else if (length === 127) {
+    const more = (await client.exactly(8))!;
+    length = Number(new DataView(more.buffer).getBigUint64(0));
+  }
+  const payload = (await client.exactly(length))!;
+  assert.ok(payload, "a truncated frame");
+  return {
+    fin: (start[0] & 0x80) !== 0,
+    rsv: (start[0] >> 4) & 7,
+    opcode: start[0] & 0x0f,
+    payload,
+  };
+}
+
+/**
+ * Reads the server's close frame (skipping what comes before it), checks
+ * its code, and that the server then closes the connection.
+ */
+async function assertClosedWith(
+  client: Client,
+  code: number | null,
+  what = "",
+): Promise<string> {
+  let frame: Frame | null;
+  while ((frame = await readFrame(client)) && frame.opcode !== 0x8) {
+    /* earlier frames */
+  }
+  assert.ok(frame, `${what}: a close frame before the end`);
+  const got = frame.payload.length
+    ? frame.payload[0] << 8 | frame.payload[1]
+    : null;
+  assert.equal(got, code, `${what}: the close code`);
+  assert.ok(
+    await client.closedByServer(),
+    `${what}: the server closes the connection`,
+  );
+  client.close(); // as a client does once the server has
+  return decoder.decode(frame.payload.subarray(2));
+}
+
+/** What a socket's events were, in order, as a test reads them. */
+interface SocketLog {
+  events: string[];
+  closed: Promise<CloseEvent>;
+  socket: WebSocket;
+}
+
+/**
+ * A server whose handler upgrades every request and echoes what it gets;
+ * `onSocket` sees each socket first.
+ */
+async function withEchoServer(
+  options: ServeOptions & { upgrade?: UpgradeWebSocketOptions },
+  test: (server: Server, sockets: SocketLog[]) => Promise<void>,
+  onSocket: (socket: WebSocket) => void = (socket) => {
+    socket.onmessage = (event) => socket.send(event.data);
+  },
+): Promise<void> {
+  const sockets: SocketLog[] = [];
+  const { upgrade, ...serveOptions } = options;
+  await withHandler(serveOptions, (request) => {
+    const { socket, response } = upgradeWebSocket(request, upgrade);
+    const events: string[] = [];
+    const closed = new Promise<CloseEvent>((resolve) => {
+      socket.addEventListener("close", (event) => {
+        events.push(`close ${event.code} ${event.wasClean}`);
+        resolve(event);
+      });
+    });
+    socket.addEventListener("open", () => events.push("open"));
+    socket.addEventListener("error", () => events.push("error"));
+    sockets.push({ events, closed, socket });
+    onSocket(socket);
+    return response;
+  }, (server) => test(server, sockets));
+}
+
+/** A connection past its handshake: the 101 read and checked. */
+async function openSocket(
+  server: Server,
+  fields: Record<string, string | null> = {},
+): Promise<{ client: Client; head: Head }> {
+  const client = await Client.open(server);
+  await client.send(handshake(fields));
+  const head = await client.head();
+  assert.equal(head?.status, 101, "101 Switching Protocols");
+  return { client, head };
+}
+
+Deno.test("upgradeWebSocket() accepts a handshake with a 101 and the accept key", async () => {
+  const lines: string[] = [];
+  await withEchoServer(
+    { accessLog: (text) => lines.push(text) },
+    async (server, sockets) => {
+      const { client, head } = await openSocket(server);
+      assert.equal(head.headers.get("upgrade")?.toLowerCase(), "websocket");
+      assert.equal(head.headers.get("connection")?.toLowerCase(), "upgrade");
+      assert.equal(head.headers.get("sec-websocket-accept"), WS_ACCEPT);
+      assert.ok(!head.headers.has("content-length"), "no framing on a 101");
+      assert.ok(!head.headers.has("sec-websocket-protocol"), "none offered");
+      await client.send(wsFrame(0x1, "hi"));
+      const echo = await readFrame(client);
+      assert.equal(decoder.decode(echo!.payload), "hi");
+      client.close();
+      const [{ socket }] = sockets;
+      assert.equal(socket.url, `ws://localhost/chat`);
+      assert.equal(socket.protocol, "");
+      assert.equal(socket.extensions, "");
+    },
+  );
+  const logged = logLines(lines);
+  assert.equal(logged.length, 1);
+  assert.match(logged[0], /"GET \/chat HTTP\/1\.1" 101 -$/);
+});
+
+Deno.test("upgradeWebSocket() chooses the subprotocol only when the client offers it", async () => {
+  await withEchoServer(
+    { upgrade: { protocol: "chat.v2" } },
+    async (server, sockets) => {
+      const offered = await openSocket(server, {
+        "sec-websocket-protocol": "chat.v1, chat.v2",
+      });
+      assert.equal(
+        offered.head.headers.get("sec-websocket-protocol"),
+        "chat.v2",
+      );
+      assert.equal(sockets[0].socket.protocol, "chat.v2");
+      offered.client.close();
+      const other = await openSocket(server, {
+        "sec-websocket-protocol": "CHAT.V2",
+      });
+      assert.ok(!other.head.headers.has("sec-websocket-protocol"));
+      assert.equal(sockets[1].socket.protocol, "");
+      other.client.close();
+    },
+  );
+});
+
+Deno.test("upgradeWebSocket() refuses a bad handshake with 400, another version with 426, and the connection stays HTTP", async () => {
+  const bad: [string, string][] = [
+    [handshake({}, "POST /chat HTTP/1.1"), "POST"],
+    [
+      handshake({ connection: "Upgrade, keep-alive" }, "GET /chat HTTP/1.0"),
+      "HTTP/1.0",
+    ],
+    [handshake({ upgrade: null }), "no Upgrade"],
+    [handshake({ upgrade: "h2c" }), "Upgrade: h2c"],
+    [handshake({ connection: "keep-alive" }), "no upgrade option"],
+    [handshake({ "sec-websocket-key": null }), "no key"],
+    [handshake({ "sec-websocket-key": "c2hvcnQ=" }), "a short key"],
+    [
+      handshake({ "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=!" }),
+      "not base64",
+    ],
+    [handshake({ "content-length": "2" }) + "hi", "a body"],
+  ];
+  await withEchoServer({}, async (server, sockets) => {
+    for (const [request, what] of bad) {
+      const client = await Client.open(server);
+      await client.send(request + handshake());
+      const refusal = await client.response();
+      assert.equal(refusal?.status, 400, what);
+      const next = await client.response();
+      assert.equal(next?.status, 101, `${what}: the next request is served`);
+      client.close();
+    }
+    const client = await Client.open(server);
+    await client.send(
+      handshake({ "sec-websocket-version": "8" }) + handshake(),
+    );
+    const refusal = await client.response();
+    assert.equal(refusal?.status, 426);
+    assert.equal(refusal.headers.get("sec-websocket-version"), "13");
+    assert.equal(refusal.headers.get("upgrade"), "websocket");
+    assert.match(refusal.headers.get("connection") ?? "", /upgrade/i);
+    assert.equal((await client.response())?.status, 101);
+    client.close();
+    // Only the upgrades that were answered 101 opened a socket.
+    await until(
+      () =>
+        sockets.filter((s) => s.events.length > 1).length === bad.length + 1,
+      "every socket closed",
+    );
+    assert.ok(sockets.every(({ events }) => events[0] === "open"));
+  });
+});
+
+Deno.test("upgradeWebSocket() throws a TypeError on a request it did not make, or twice", async () => {
+  assert.throws(
+    () => upgradeWebSocket(new Request("http://localhost/")),
+    TypeError,
+  );
+  let second: unknown;
+  await withHandler({}, (request) => {
+    const { response } = upgradeWebSocket(request);
+    try {
+      upgradeWebSocket(request);
+    } catch (error) {
+      second = error;
+    }
+    return response;
+  }, async (server) => {
+    const { client } = await openSocket(server);
+    client.close();
+  });
+  assert.ok(second instanceof TypeError);
+});
+
+Deno.test("serve() echoes text and binary messages of every length encoding, byte for byte", async () => {
+  await withEchoServer({}, async (server) => {
+    const { client } = await openSocket(server);
+    const texts = [
+      "",
+      "a",
+      "héllo, wörld ☃ 🦕",
+      "x".repeat(125),
+      "y".repeat(126),
+      "z".repeat(70_000),
+    ];
+    for (const text of texts) {
+      await client.send(wsFrame(0x1, text));
+      const echo = await readFrame(client);
+      assert.deepEqual([echo!.opcode, echo!.fin, echo!.rsv], [0x1, true, 0]);
+      assert.equal(decoder.decode(echo!.payload), text);
+    }
+    for (const length of [0, 1, 125, 126, 65535, 65536, 300_000]) {
+      const data = noise(length, length);
+      await client.send(wsFrame(0x2, data, { key: [0, 0xff, 0x80, 0x01] }));
+      const echo = await readFrame(client);
+      assert.equal(echo!.opcode, 0x2);
+      assert.deepEqual(echo!.payload, data, `${length} bytes`);
+    }
+    await client.send(wsFrame(0x8, closePayload(1000)));
+    await assertClosedWith(client, 1000);
+  });
+});
+
+Deno.test("serve() takes frames sent with the handshake, and frames split at every byte", async () => {
+  await withEchoServer({}, async (server) => {
+    const client = await Client.open(server);
+    await client.send(concat([latin1(handshake()), wsFrame(0x1, "early")]));
+    assert.equal((await client.head())?.status, 101);
+    assert.equal(decoder.decode((await readFrame(client))!.payload), "early");
+    const bytes = concat([
+      wsFrame(0x1, "one"),
+      wsFrame(0x2, noise(3, 300)),
+      wsFrame(0x1, "two"),
+    ]);
+    for (const byte of bytes) {
+      await client.send(new Uint8Array([byte]));
+      await delay(0);
+    }
+    assert.equal(decoder.decode((await readFrame(client))!.payload), "one");
+    assert.deepEqual((await readFrame(client))!.payload, noise(3, 300));
+    assert.equal(decoder.decode((await readFrame(client))!.payload), "two");
+    client.close();
+  });
+});
+
+Deno.test("serve() closes with 1002 on an unmasked frame, a 126-byte ping, and with 1007 on bad UTF-8", async () => {
+  const cases: [Uint8Array, number, string][] = [
+    [wsFrame(0x1, "hi", { masked: false }), 1002, "an unmasked frame"],
+    [wsFrame(0x9, new Uint8Array(126)), 1002, "a 126-byte ping"],
+    [wsFrame(0x1, new Uint8Array([0x68, 0xc3, 0x28])), 1007, "bad UTF-8 text"],
+  ];
+  await withEchoServer({}, async (server, sockets) => {
+    for (const [frame, code, what] of cases) {
+      const { client } = await openSocket(server);
+      await client.send(frame);
+      await assertClosedWith(client, code, what);
+      client.close();
+    }
+    for (const { closed, events } of sockets) {
+      const event = await closed;
+      assert.equal(event.code, 1006, "no close frame came from the client");
+      assert.equal(event.wasClean, false);
+      assert.deepEqual(events, ["open", "error", "close 1006 false"]);
+    }
+  });
+});
+
+Deno.test("serve() closes with 1002 on reserved bits, reserved opcodes and broken fragmentation", async () => {
+  const cases: [Uint8Array[], string][] = [
+    [[wsFrame(0x1, "a", { rsv: 4 })], "RSV1 without an extension"],
+    [[wsFrame(0x1, "a", { rsv: 2 })], "RSV2"],
+    [[wsFrame(0x1, "a", { rsv: 1 })], "RSV3"],
+    [[wsFrame(0x3, "a")], "opcode 3"],
+    [[wsFrame(0xb, "a")], "opcode 11"],
+    [[wsFrame(0x9, "a", { fin: false })], "a fragmented ping"],
+    [[wsFrame(0x8, new Uint8Array([3]))], "a close payload of one byte"],
+    [[wsFrame(0x0, "a")], "a continuation with no message"],
+    [
+      [wsFrame(0x1, "a", { fin: false }), wsFrame(0x1, "b")],
+      "a new message inside a message",
+    ],
+    [
+      [
+        wsFrame(0x2, new Uint8Array(8 + 4 + 1)).map((byte, i) =>
+          i === 1 ? 0x80 | 127 : i === 2 ? 0x80 : byte
+        ),
+      ],
+      "a 64-bit length with its top bit set",
+    ],
+  ];
+  for (
+    const code of [
+      0,
+      999,
+      1004,
+      1005,
+      1006,
+      1015,
+      1016,
+      2000,
+      2999,
+      5000,
+      65535,
+    ]
+  ) {
+    cases.push([[wsFrame(0x8, closePayload(code))], `close code ${code}`]);
+  }
+  await withEchoServer({}, async (server) => {
+    for (const [frames, what] of cases) {
+      const { client } = await openSocket(server);
+      await client.send(concat(frames));
+      await assertClosedWith(client, 1002, what);
+      client.close();
+    }
+  });
+});
+
+Deno.test("serve() assembles fragments, with control frames between them", async () => {
+  await withEchoServer({}, async (server, sockets) => {
+    const { client } = await openSocket(server);
+    const text = "snow ☃ and 🦕";
+    const bytes = encoder.encode(text);
+    // Split inside the snowman's and the dinosaur's bytes: UTF-8 is checked
+    // across fragments, not per fragment.
+    const cut1 = bytes.indexOf(0xe2) + 1;
+    const cut2 = bytes.indexOf(0xf0) + 2;
+    await client.send(concat([
+      wsFrame(0x1, bytes.subarray(0, cut1), { fin: false }),
+      wsFrame(0x9, "are you there?"),
+      wsFrame(0x0, bytes.subarray(cut1, cut2), { fin: false }),
+      wsFrame(0xa, "unasked"),
+      wsFrame(0x0, bytes.subarray(cut2)),
+    ]));
+    const pong = await readFrame(client);
+    assert.equal(pong!.opcode, 0xa, "the ping is answered first");
+    assert.equal(decoder.decode(pong!.payload), "are you there?");
+    const echo = await readFrame(client);
+    assert.deepEqual([echo!.opcode, decoder.decode(echo!.payload)], [
+      0x1,
+      text,
+    ]);
+    const data = noise(9, 100_000);
+    await client.send(concat([
+      wsFrame(0x2, data.subarray(0, 10), { fin: false }),
+      wsFrame(0x0, data.subarray(10, 50_000), { fin: false }),
+      wsFrame(0x0, new Uint8Array(0), { fin: false }),
+      wsFrame(0x0, data.subarray(50_000)),
+    ]));
+    assert.deepEqual((await readFrame(client))!.payload, data);
+    client.close();
+    assert.equal((await sockets[0].closed).code, 1006);
+  });
+});
+
+Deno.test("serve() fails bad UTF-8 in a fragment before the message ends", async () => {
+  await withEchoServer({}, async (server) => {
+    const { client } = await openSocket(server);
+    await client.send(
+      wsFrame(0x1, new Uint8Array([0x61, 0xff]), { fin: false }),
+    );
+    await assertClosedWith(
+      client,
+      1007,
+      "an invalid byte in the first fragment",
+    );
+    client.close();
+    const second = await openSocket(server);
+    // Valid so far, but the message ends inside a character.
+    await second.client.send(concat([
+      wsFrame(0x1, new Uint8Array([0x61, 0xe2]), { fin: false }),
+      wsFrame(0x0, new Uint8Array([0x98])),
+    ]));
+    await assertClosedWith(second.client, 1007, "a character cut by the end");
+    second.client.close();
+  });
+});
+
+Deno.test("serve() answers a ping with a pong of the same payload", async () => {
+  await withEchoServer({}, async (server) => {
+    const { client } = await openSocket(server);
+    for (const payload of [new Uint8Array(0), noise(1, 125)]) {
+      await client.send(wsFrame(0x9, payload));
+      const pong = await readFrame(client);
+      assert.equal(pong!.opcode, 0xa);
+      assert.deepEqual(pong!.payload, payload);
+    }
+    client.close();
+  });
+});
+
+Deno.test("serve() answers the client's close frame with its code, then closes the connection", async () => {
+  await withEchoServer({}, async (server, sockets) => {
+    const { client } = await openSocket(server);
+    await client.send(wsFrame(0x8, closePayload(4321, "bye ☃")));
+    assert.equal(await assertClosedWith(client, 4321), "bye ☃");
+    const event = await sockets[0].closed;
+    assert.deepEqual([event.code, event.reason, event.wasClean], [
+      4321,
+      "bye ☃",
+      true,
+    ]);
+    const empty = await openSocket(server);
+    await empty.client.send(wsFrame(0x8));
+    await assertClosedWith(
+      empty.client,
+      null,
+      "an empty close is answered empty",
+    );
+    assert.equal((await sockets[1].closed).code, 1005);
+    const bad = await openSocket(server);
+    await bad.client.send(wsFrame(0x8, new Uint8Array([0x03, 0xe8, 0xff])));
+    await assertClosedWith(bad.client, 1007, "a reason that is not UTF-8");
+  });
+});
+
+Deno.test("socket.close() sends the close frame and waits for the client's", async () => {
+  const messages: unknown[] = [];
+  await withEchoServer({}, async (server, sockets) => {
+    const { client } = await openSocket(server);
+    await client.send(wsFrame(0x1, "close, please"));
+    const frame = await readFrame(client);
+    assert.equal(frame!.opcode, 0x8);
+    assert.deepEqual(frame!.payload, closePayload(4000, "as asked"));
+    assert.equal(sockets[0].socket.readyState, WebSocket.CLOSING);
+    // A message after the close frame is dropped, not dispatched.
+    await client.send(wsFrame(0x1, "too late"));
+    await client.send(wsFrame(0x8, closePayload(4000)));
+    assert.ok(
+      await client.closedByServer(),
+      "the server closes once both close frames crossed",
+    );
+    client.close();
+    const event = await sockets[0].closed;
+    assert.deepEqual([event.code, event.wasClean], [4000, true]);
+    assert.equal(sockets[0].socket.readyState, WebSocket.CLOSED);
+    assert.deepEqual(messages, ["close, please"]);
+  }, (socket) => {
+    socket.onmessage = (event) => {
+      messages.push(event.data);
+      if (event.data === "close, please") socket.close(4000, "as asked");
+      else socket.send("unexpected");
+    };
+  });
+});
+
+Deno.test("serve() cuts a closing handshake the client never finishes", async () => {
+  await withEchoServer({ wsCloseTimeout: 0.3 }, async (server, sockets) => {
+    const { client } = await openSocket(server);
+    const frame = await readFrame(client);
+    assert.equal(frame!.opcode, 0x8);
+    assert.ok(
+      await within(client.closedByServer(), "the cut"),
+      "the server cuts the connection",
+    );
+    client.close();
+    const event = await sockets[0].closed;
+    assert.deepEqual([event.code, event.wasClean], [1006, false]);
+  }, (socket) => {
+    socket.onopen = () => socket.close(1000);
+  });
+});
+
+Deno.test("serve() pings a silent client, keeps one that answers, and closes one that does not", async () => {
+  await withEchoServer(
+    { upgrade: { idleTimeout: 0.3 } },
+    async (server, sockets) => {
+      const { client } = await openSocket(server);
+      for (let i = 0; i < 2; i++) {
+        const ping = await within(readFrame(client), "a ping");
+        assert.equal(ping!.opcode, 0x9);
+        await client.send(wsFrame(0xa, ping!.payload));
+      }
+      await client.send(wsFrame(0x1, "still here"));
+      assert.equal(
+        decoder.decode((await readFrame(client))!.payload),
+        "still here",
+      );
+      // Now it stops answering: a ping, then a close frame with 1001.
+      assert.equal((await readFrame(client))!.opcode, 0x9);
+      const close = await within(readFrame(client), "the close frame");
+      assert.equal(close!.opcode, 0x8);
+      assert.equal(close!.payload[0] << 8 | close!.payload[1], 1001);
+      assert.ok(await client.closedByServer());
+      client.close();
+      const event = await sockets[0].closed;
+      assert.deepEqual([event.code, event.wasClean], [1006, false]);
+      assert.ok(sockets[0].events.includes("error"));
+    },
+  );
+});
+
+Deno.test("serve() closes with 1009 a message past the limit, before its payload comes", async () => {
+  await withEchoServer({ wsMaxMessage: 1000 }, async (server) => {
+    const fits = await openSocket(server);
+    await fits.client.send(wsFrame(0x2, noise(1, 1000)));
+    assert.deepEqual((await readFrame(fits.client))!.payload, noise(1, 1000));
+    fits.client.close();
+    const { client } = await openSocket(server);
+    // The head alone says too much.
+    await client.send(wsFrame(0x2, new Uint8Array(1001)).subarray(0, 8));
+    await assertClosedWith(client, 1009, "one frame");
+    const fragments = await openSocket(server);
+    await fragments.client.send(concat([
+      wsFrame(0x1, "a".repeat(600), { fin: false }),
+      wsFrame(0x0, "a".repeat(401)),
+    ]));
+    await assertClosedWith(fragments.client, 1009, "fragments");
+  });
+});
+
+Deno.test("upgradeWebSocket() takes a maxMessage of its own, and validates its options", async () => {
+  await withEchoServer({ upgrade: { maxMessage: 10 } }, async (server) => {
+    const { client } = await openSocket(server);
+    await client.send(wsFrame(0x1, "x".repeat(11)));
+    await assertClosedWith(client, 1009);
+  });
+  for (
+    const options of [{ idleTimeout: -1 }, { idleTimeout: NaN }, {
+      maxMessage: 0,
+    }, { maxBuffered: 1.5 }]
+  ) {
+    let thrown: unknown;
+    await withHandler({}, (request) => {
+      try {
+        return upgradeWebSocket(request, options).response;
+      } catch (error) {
+        thrown = error;
+        return new Response("no");
+      }
+    }, async (server) => {
+      const client = await Client.open(server);
+      await client.send(handshake());
+      assert.equal((await client.response())?.status, 200);
+      client.close();
+    });
+    assert.ok(thrown instanceof TypeError, Deno.inspect(options));
+  }
+});
+
+Deno.test("serve() cuts a client that reads nothing once the queue passes maxBuffered", async () => {
+  let highest = 0;
+  await withEchoServer(
+    { wsMaxBuffered: 256 * 1024 },
+    async (server, sockets) => {
+      const { client } = await openSocket(server);
+      await client.send(wsFrame(0x1, "flood me"));
+      // The client reads nothing; the kernel's buffers fill, then the queue.
+      const event = await within(sockets[0].closed, "the cut", 20_000);
+      assert.deepEqual([event.code, event.wasClean], [1006, false]);
+      assert.ok(sockets[0].events.includes("error"));
+      assert.ok(highest > 256 * 1024, `bufferedAmount rose to ${highest}`);
+      client.close();
+    },
+    (socket) => {
+      const chunk = new Uint8Array(64 * 1024);
+      let timer: ReturnType<typeof setInterval> | undefined;
+      socket.onmessage = () => {
+        // A chunk a tick: writes complete until the client's buffers are full.
+        timer = setInterval(() => {
+          socket.send(chunk);
+          highest = Math.max(highest, socket.bufferedAmount);
+        }, 2);
+      };
+      socket.onclose = () => clearInterval(timer);
+    },
+  );
+});
+
+Deno.test("serve() counts WebSocket connections toward maxConnections", async () => {
+  await withEchoServer({ maxConnections: 2 }, async (server) => {
+    const first = await openSocket(server);
+    const second = await openSocket(server);
+    const third = await Client.open(server);
+    await third.send(handshake());
+    assert.ok(await third.quietFor(300), "the third waits in the backlog");
+    await first.client.send(wsFrame(0x8, closePayload(1000)));
+    await assertClosedWith(first.client, 1000);
+    assert.equal((await within(third.head(), "the third's turn"))?.status, 101);
+    second.client.close();
+    third.close();
+  });
+});
+
+Deno.test("serve() shutdown() sends close 1001 to each socket and waits for the answer", async () => {
+  const sockets: SocketLog[] = [];
+  const server = serve({ port: 0, accessLog: false }, (request) => {
+    const { socket, response } = upgradeWebSocket(request);
+    const closed = new Promise<CloseEvent>((resolve) =>
+      socket.onclose = resolve
+    );
+    sockets.push({ socket, closed, events: [] });
+    return response;
+  });
+  const a = await openSocket(server);
+  const b = await openSocket(server);
+  await until(
+    () =>
+      sockets.every(({ socket }) => socket.readyState === WebSocket.OPEN) &&
+      sockets.length === 2,
+    "both open",
+  );
+  const finished = server.shutdown();
+  for (const { client } of [a, b]) {
+    const close = await readFrame(client);
+    assert.equal(close!.opcode, 0x8);
+    assert.equal(close!.payload[0] << 8 | close!.payload[1], 1001);
+    await client.send(wsFrame(0x8, close!.payload));
+    assert.ok(await client.closedByServer());
+    client.close();
+  }
+  await within(finished, "the shutdown");
+  for (const { closed } of sockets) {
+    const event = await closed;
+    assert.deepEqual([event.code, event.wasClean], [1001, true]);
+  }
+  assert.equal(server.forced, 0);
+});
+
+Deno.test("serve() shutdown() cuts a socket that never answers the close at the shutdown timeout", async () => {
+  const server = serve({
+    port: 0,
+    accessLog: false,
+    shutdownTimeout: 0.3,
+    wsCloseTimeout: 60,
+  }, (request) => upgradeWebSocket(request).response);
+  const { client } = await openSocket(server);
+  await delay(50);
+  const finished = server.shutdown();
+  assert.equal((await readFrame(client))!.opcode, 0x8);
+  await within(finished, "the shutdown");
+  assert.equal(server.forced, 1);
+  assert.ok(await client.closedByServer());
+  client.close();
+});
+
+Deno.test("the socket is a WHATWG WebSocket in shape: states, checks, binaryType, handlers", async () => {
+  const seen: unknown[] = [];
+  await withEchoServer({}, async (server, sockets) => {
+    const { client } = await openSocket(server);
+    await client.send(wsFrame(0x2, new Uint8Array([1, 2, 3])));
+    const blobEcho = await readFrame(client);
+    assert.deepEqual(blobEcho!.payload, new Uint8Array([1, 2, 3]));
+    // Sent after the Blob, arrives after it.
+    assert.equal(
+      decoder.decode((await readFrame(client))!.payload),
+      "after the blob",
+    );
+    client.close();
+    await sockets[0].closed;
+    assert.ok(seen[0] instanceof Blob, "binaryType blob");
+    assert.equal(seen[1], "InvalidStateError");
+    assert.deepEqual(seen.slice(2, 4), ["InvalidAccessError", "SyntaxError"]);
+    assert.equal(seen[4], 1, "OPEN");
+    assert.ok(!seen.includes("first onopen"), "a handler replaced");
+    const socket = sockets[0].socket;
+    assert.equal(socket.readyState, socket.CLOSED);
+    const before = socket.bufferedAmount;
+    socket.send("gone");
+    assert.equal(socket.bufferedAmount, before + 4, "counted, not sent");
+  }, (socket) => {
+    try {
+      socket.send("too early");
+    } catch (error) {
+      seen[1] = (error as DOMException).name;
+    }
+    socket.binaryType = "blob";
+    socket.binaryType = "nonsense" as BinaryType;
+    socket.onmessage = (event) => {
+      seen[0] = event.data;
+      for (
+        const [code, reason] of [[1001, ""], [1000, "x".repeat(124)]] as const
+      ) {
+        try {
+          socket.close(code, reason);
+        } catch (error) {
+          seen.push((error as DOMException).name);
+        }
+      }
+      seen[4] = socket.readyState;
+      socket.send(event.data);
+      socket.send("after the blob");
+    };
+    // Replaced, not added: only the second one runs.
+    socket.onopen = () => seen.push("first onopen");
+    socket.onopen = null;
+  });
+});
+
+Deno.test("serve() closes a socket the handler accepted but did not answer with", async () => {
+  await withHandler({}, (request) => {
+    const { socket } = upgradeWebSocket(request);
+    return new Promise((resolve) => {
+      socket.onclose = (event) =>
+        resolve(new Response(`closed ${event.code} ${socket.readyState}`));
+      // Answered otherwise, so the socket never opens.
+      setTimeout(() => resolve(new Response("no socket")), 10);
+    });
+  }, async (server) => {
+    const client = await Client.open(server);
+    await client.send(handshake() + handshake());
+    for (let i = 0; i < 2; i++) {
+      const reply = await client.response();
+      assert.equal(reply?.status, 200, "still HTTP");
+      assert.equal(reply.text, "no socket");
+    }
+    client.close();
+  });
+});
+
+Deno.test("Deno.upgradeWebSocket() works on this server's requests, and on Deno.serve's as before", async () => {
+  await withHandler({}, (request) => {
+    const { socket, response } = Deno.upgradeWebSocket(request);
+    socket.onmessage = (event) => socket.send(`ours: ${event.data}`);
+    return response;
+  }, async (server) => {
+    const { client } = await openSocket(server);
+    await client.send(wsFrame(0x1, "hi"));
+    assert.equal(
+      decoder.decode((await readFrame(client))!.payload),
+      "ours: hi",
+    );
+    client.close();
+  });
+  const native = Deno.serve({ port: 0, onListen() {} }, (request) => {
+    const { socket, response } = Deno.upgradeWebSocket(request);
+    socket.onmessage = (event) => socket.send(`deno: ${event.data}`);
+    return response;
+  });
+  try {
+    const socket = new WebSocket(`ws://127.0.0.1:${native.addr.port}/`);
+    const reply = await new Promise<string>((resolve, reject) => {
+      socket.onopen = () => socket.send("hi");
+      socket.onmessage = (event) => resolve(event.data);
+      socket.onerror = () => reject(new Error("Deno.serve's socket failed"));
+    });
+    assert.equal(reply, "deno: hi");
+    const closed = new Promise((resolve) => socket.onclose = resolve);
+    socket.close();
+    await closed;
+  } finally {
+    await native.shutdown();
+  }
+});
+
+Deno.test("serve() speaks WebSocket over TLS", async () => {
+  await withEchoServer(TLS, async (server, sockets) => {
+    const client = await Client.openTls(server);
+    await client.send(handshake());
+    assert.equal((await client.head())?.status, 101);
+    await client.send(wsFrame(0x1, "secret"));
+    assert.equal(decoder.decode((await readFrame(client))!.payload), "secret");
+    await client.send(wsFrame(0x8, closePayload(1000)));
+    await assertClosedWith(client, 1000);
+    assert.equal(sockets[0].socket.url, "wss://localhost/chat");
+  });
+});
+
+/** Deflates a message as a client would (RFC 7692 §7.2.1): the tail removed. */
+function deflateMessage(data: Uint8Array): Uint8Array {
+  const out = deflateRawSync(data, { finishFlush: zlibConstants.Z_SYNC_FLUSH });
+  return new Uint8Array(out.subarray(0, out.length - 4));
+}
+
+function inflateMessage(data: Uint8Array): Uint8Array {
+  const input = concat([data, new Uint8Array([0, 0, 0xff, 0xff])]);
+  return new Uint8Array(
+    inflateRawSync(input, { finishFlush: zlibConstants.Z_SYNC_FLUSH }),
+  );
+}
+
+const DEFLATE_REPLY =
+  "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+Deno.test("serve() negotiates permessage-deflate as the client offers it", async () => {
+  const offers: [string, string | undefined][] = [
+    ["permessage-deflate", DEFLATE_REPLY],
+    ["permessage-deflate; client_max_window_bits", DEFLATE_REPLY],
+    [
+      "permessage-deflate; server_max_window_bits=10",
+      `${DEFLATE_REPLY}; server_max_window_bits=10`,
+    ],
+    [
+      'permessage-deflate; server_max_window_bits="12"',
+      `${DEFLATE_REPLY}; server_max_window_bits=12`,
+    ],
+    [
+      "permessage-deflate; server_max_window_bits=8, permessage-deflate",
+      DEFLATE_REPLY,
+    ],
+    ["permessage-deflate; server_max_window_bits=8", undefined],
+    ["permessage-deflate; server_max_window_bits=16", undefined],
+    ["permessage-deflate; unknown_parameter", undefined],
+    [
+      "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+      undefined,
+    ],
+    ["permessage-deflate; client_no_context_takeover=1", undefined],
+    ["x-webkit-deflate-frame", undefined],
+  ];
+  await withEchoServer({}, async (server) => {
+    for (const [offer, reply] of offers) {
+      const { client, head } = await openSocket(server, {
+        "sec-websocket-extensions": offer,
+      });
+      assert.equal(head.headers.get("sec-websocket-extensions"), reply, offer);
+      client.close();
+    }
+  });
+  await withEchoServer({ compression: false }, async (server) => {
+    const { client, head } = await openSocket(server, {
+      "sec-websocket-extensions": "permessage-deflate",
+    });
+    assert.ok(
+      !head.headers.has("sec-websocket-extensions"),
+      "compression: false",
+    );
+    client.close();
+  });
+});
+
+Deno.test("serve() inflates compressed messages and compresses large ones it sends", async () => {
+  await withEchoServer({}, async (server, sockets) => {
+    const { client } = await openSocket(server, {
+      "sec-websocket-extensions": "permessage-deflate",
+    });
+    const text = "a compressible line of text\n".repeat(200);
+    await client.send(
+      wsFrame(0x1, deflateMessage(encoder.encode(text)), { rsv: 4 }),
+    );
+    const echo = await readFrame(client);
+    assert.equal(echo!.rsv, 4, "a large message goes compressed");
+    assert.ok(echo!.payload.length < text.length / 10);
+    assert.equal(decoder.decode(inflateMessage(echo!.payload)), text);
+    // A compressed message in fragments: RSV1 on the first only.
+    const data = deflateMessage(noise(4, 5000));
+    await client.send(concat([
+      wsFrame(0x2, data.subarray(0, 100), { rsv: 4, fin: false }),
+      wsFrame(0x0, data.subarray(100)),
+    ]));
+    const binary = await readFrame(client);
+    assert.equal(binary!.rsv, 0, "noise does not shrink: sent as it is");
+    assert.deepEqual(binary!.payload, noise(4, 5000));
+    await client.send(wsFrame(0x1, "short"));
+    const short = await readFrame(client);
+    assert.deepEqual([short!.rsv, decoder.decode(short!.payload)], [
+      0,
+      "short",
+    ]);
+    assert.equal(sockets[0].socket.extensions, DEFLATE_REPLY);
+    client.close();
+  });
+});
+
+Deno.test("serve() closes with 1009 on a compressed message that inflates past the limit, 1007 on bad data, 1002 on RSV1 mid-message", async () => {
+  await withEchoServer({ wsMaxMessage: 64 * 1024 }, async (server) => {
+    const offer = { "sec-websocket-extensions": "permessage-deflate" };
+    const bomb = deflateMessage(new Uint8Array(10 * 1024 * 1024));
+    assert.ok(bomb.length < 64 * 1024, "a small payload");
+    const first = await openSocket(server, offer);
+    await first.client.send(wsFrame(0x2, bomb, { rsv: 4 }));
+    await assertClosedWith(first.client, 1009, "a zip bomb");
+    const second = await openSocket(server, offer);
+    await second.client.send(
+      wsFrame(0x2, new Uint8Array([0xff, 0xff, 0xff]), { rsv: 4 }),
+    );
+    await assertClosedWith(second.client, 1007, "not deflate");
+    const third = await openSocket(server, offer);
+    await third.client.send(concat([
+      wsFrame(0x2, "a", { fin: false }),
+      wsFrame(0x0, "b", { rsv: 4 }),
+    ]));
+    await assertClosedWith(third.client, 1002, "RSV1 on a continuation");
+    const invalid = await openSocket(server, offer);
+    await invalid.client.send(
+      wsFrame(0x1, deflateMessage(new Uint8Array([0xc3, 0x28])), { rsv: 4 }),
+    );
+    await assertClosedWith(invalid.client, 1007, "bad UTF-8, compressed");
+  });
+});
+
+Deno.test("serve() takes a compressed message that grew past the limit in deflate, if it inflates within it", async () => {
+  await withEchoServer({ wsMaxMessage: 64 * 1024 }, async (server) => {
+    const { client } = await openSocket(server, {
+      "sec-websocket-extensions": "permessage-deflate",
+    });
+    // Incompressible bytes come out of deflate a little longer.
+    const data = noise(5, 64 * 1024);
+    const compressed = deflateMessage(data);
+    assert.ok(compressed.length > data.length);
+    await client.send(wsFrame(0x2, compressed, { rsv: 4 }));
+    assert.deepEqual((await readFrame(client))!.payload, data);
+    await client.send(
+      wsFrame(0x2, deflateMessage(noise(6, 64 * 1024 + 1)), { rsv: 4 }),
+    );
+    await assertClosedWith(client, 1009, "one byte past, inflated");
+  });
+});
+
+Deno.test("parseFrameHead() reports incomplete heads, then the bytes taken, or the close code", () => {
+  const rules = {
+    deflate: false,
+    message: 0,
+    received: 0,
+    compressed: false,
+    maxMessage: 1 << 20,
+  };
+  const frame = new FrameHead();
+  const bytes = wsFrame(0x2, new Uint8Array(300));
+  for (let end = 0; end < 8; end++) {
+    assert.equal(
+      parseFrameHead(bytes, 0, end, frame, rules),
+      INCOMPLETE,
+      `${end} bytes`,
+    );
+  }
+  assert.equal(parseFrameHead(bytes, 0, 8, frame, rules), 8);
+  assert.deepEqual([frame.fin, frame.opcode, frame.length, frame.compressed], [
+    true,
+    2,
+    300,
+    false,
+  ]);
+  assert.equal(
+    parseFrameHead(wsFrame(0x1, "a", { masked: false }), 0, 3, frame, rules),
+    -1002,
+  );
+  assert.equal(parseFrameHead(wsFrame(0x0, "a"), 0, 7, frame, rules), -1002);
+  assert.equal(
+    parseFrameHead(wsFrame(0x0, "a"), 0, 7, frame, { ...rules, message: 1 }),
+    6,
+  );
+  assert.equal(
+    parseFrameHead(wsFrame(0x2, new Uint8Array(11)), 0, 6, frame, {
+      ...rules,
+      maxMessage: 10,
+    }),
+    -1009,
+  );
+  assert.equal(
+    parseFrameHead(wsFrame(0x2, new Uint8Array(6)), 0, 6, frame, {
+      ...rules,
+      maxMessage: 10,
+      message: 2,
+      received: 5,
+    }),
+    -1002,
+  );
+  assert.equal(
+    parseFrameHead(wsFrame(0x0, new Uint8Array(6)), 0, 6, frame, {
+      ...rules,
+      maxMessage: 10,
+      message: 2,
+      received: 5,
+    }),
+    -1009,
+  );
+  assert.equal(
+    parseFrameHead(wsFrame(0x1, "a", { rsv: 4 }), 0, 7, frame, {
+      ...rules,
+      deflate: true,
+    }),
+    6,
+  );
+  assert.equal(frame.compressed, true);
 });

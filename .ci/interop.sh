@@ -7,7 +7,9 @@
 # and nginx as reverse proxy / load balancer, including a rolling restart.
 # Applications behind the server (.ci/apps/): streamed bodies both ways and
 # Server-Sent Events through `--app`, and a real framework, Hono from npm,
-# through both `--app` and `serve(app.fetch)`.
+# through both `--app` and `serve(app.fetch)`. WebSockets: an echo app and
+# Hono's helper through `--app`, checked with Deno's, Node's and the ws
+# package's clients, Chromium, and through nginx (.ci/websocket_test.ts).
 #
 #   bash .ci/interop.sh                       # from anywhere
 #   CI=true bash .ci/interop.sh               # a missing tool is a failure
@@ -16,13 +18,18 @@
 #
 # Tools (Debian packages): curl, apache2-utils (ab), wrk, nodejs (node),
 # chromium, nginx-light (nginx), iproute2 (ss); deno comes from npm, and so
-# does Hono (deno fetches npm:hono@4 into its cache on the first run).
+# do Hono (deno fetches npm:hono@4 into its cache on the first run) and ws
+# (npm installs ws@8 into the temp dir on every run).
 # Everything talks to 127.0.0.1 only, every command is bounded by `timeout`,
 # and the whole run takes about a minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source-path=SCRIPTDIR/..
 source .ci/lib.sh
+# shellcheck source-path=SCRIPTDIR/..
+source .ci/websocket_lib.sh
+# As .ci/run does, for a run by hand too: deno checks for no updates.
+export DENO_NO_UPDATE_CHECK=1
 setup interop logs
 
 # ---------------------------------------------------------------------------
@@ -624,6 +631,88 @@ if have chromium chromium; then
 fi
 
 # ---------------------------------------------------------------------------
+# WebSockets: the echo app of .ci/apps/ws_echo_app.ts and Hono's helper
+# behind --app, through Deno's, Node's and the ws package's clients, headless
+# Chromium and an nginx proxy (.ci/websocket_test.ts)
+# ---------------------------------------------------------------------------
+
+# nginx passes the upgrade on only when told to: HTTP/1.1 upstream, and the
+# Upgrade and Connection headers, which are hop-by-hop, set again.
+ws_nginx_start() {
+  local port dir="$WORK/ws-nginx"
+  port=$(free_port)
+  mkdir -p "$dir"
+  cat >"$dir/nginx.conf" <<EOF
+worker_processes 1;
+pid nginx.pid;
+error_log error.log warn;
+events {
+    worker_connections 64;
+}
+http {
+    access_log access.log;
+    client_body_temp_path client_body;
+    proxy_temp_path proxy;
+    fastcgi_temp_path fastcgi;
+    uwsgi_temp_path uwsgi;
+    scgi_temp_path scgi;
+
+    map \$http_upgrade \$connection_upgrade {
+        default upgrade;
+        '' close;
+    }
+
+    server {
+        listen 127.0.0.1:$port;
+
+        location / {
+            proxy_pass http://127.0.0.1:${PORT[ws-echo]};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection \$connection_upgrade;
+        }
+    }
+}
+EOF
+  WS_NGINX="http://127.0.0.1:$port"
+  start_nginx "$dir" "$WS_NGINX/" "GET / to the echo app (port $port)"
+}
+
+section "websocket"
+WS=""
+if start_app ws-echo .ci/apps/ws_echo_app.ts; then
+  WS="http://127.0.0.1:${PORT[ws-echo]}"
+  echo "  $WS/ --app .ci/apps/ws_echo_app.ts (pid ${PID[ws-echo]})"
+fi
+# Hono is in deno's cache already, unless the "apps" section failed to fetch
+# it; then this says so once more, rather than a server timing out.
+HONO_WS=""
+if timeout 180 deno cache --no-lock .ci/apps/hono_ws_app.ts \
+  >"$WORK/hono-ws-cache.log" 2>&1; then
+  if start_app hono-ws .ci/apps/hono_ws_app.ts; then
+    HONO_WS="http://127.0.0.1:${PORT[hono-ws]}"
+    echo "  $HONO_WS/ --app .ci/apps/hono_ws_app.ts (pid ${PID[hono-ws]})"
+  fi
+else
+  fail "deno cache npm:hono@4/deno (from the npm registry)"
+  tail -n 20 "$WORK/hono-ws-cache.log" | sed "s/^/        /"
+fi
+WS_NGINX=""
+if [ -n "$WS" ] && have nginx nginx-light && ws_nginx_start; then
+  echo "  $WS_NGINX/ -> $WS/"
+fi
+ws_package
+if [ -n "$WS$HONO_WS" ]; then
+  ws_tests WS_URL="$WS" WS_HONO_URL="$HONO_WS" WS_NGINX_URL="$WS_NGINX"
+fi
+if [ -n "$WS" ]; then
+  check "access log: one 101 line per upgrade" ws_logged ws-echo "$WS"
+fi
+if [ -n "$WS_NGINX" ]; then
+  stop_server nginx || true
+fi
+
+# ---------------------------------------------------------------------------
 # nginx: reverse proxy and load balancer over two instances, then a rolling
 # restart under load
 # ---------------------------------------------------------------------------
@@ -748,7 +837,7 @@ stop_server main || MAIN_RC=$?
 # The application servers that started, the same way.
 APPS=()
 declare -A APP_RC
-for name in stream hono-app hono-serve; do
+for name in stream hono-app hono-serve ws-echo hono-ws; do
   [ -n "${PORT[$name]:-}" ] || continue
   APPS+=("$name")
   APP_RC[$name]=0
@@ -765,7 +854,7 @@ apps_shutdown() {
 # Anything on a server's stderr is an uncaught error or a warning.
 quiet_stderr() {
   local name
-  for name in main up1 up2 stream hono-app hono-serve; do
+  for name in main up1 up2 stream hono-app hono-serve ws-echo hono-ws; do
     if [ -s "$WORK/$name.err" ]; then
       echo "$name.err:"
       head -n 20 "$WORK/$name.err"

@@ -5,15 +5,18 @@
 # main_test.ts speaks TLS to the server with Deno's own client; this script
 # asks the others whether they agree: curl, openssl s_client, Deno's fetch,
 # Node's https and fetch, headless Chromium, and nginx as a reverse proxy
-# that verifies its HTTPS upstream. It also checks --redirect-http and the
-# command line's refusals (one line, exit 2, nothing listening).
+# that verifies its HTTPS upstream; and WebSockets over TLS (wss://) with
+# Deno's, Node's and the ws package's clients and Chromium
+# (.ci/websocket_test.ts). It also checks --redirect-http and the command
+# line's refusals (one line, exit 2, nothing listening).
 #
 #   bash .ci/tls.sh               # from anywhere
 #   CI=true bash .ci/tls.sh       # a missing tool is a failure
 #   KEEP_WORK=1 bash .ci/tls.sh   # keep the certificates and logs
 #
 # Tools (Debian packages): openssl, curl, nodejs (node), chromium,
-# nginx-light (nginx), iproute2 (ss); deno comes from npm. A fresh test CA
+# nginx-light (nginx), iproute2 (ss); deno comes from npm, and so does ws
+# (npm installs ws@8 into the temp dir on every run). A fresh test CA
 # and a `localhost` certificate are made with openssl in a temp dir on every
 # run. Everything talks to 127.0.0.1 only and every command is bounded by
 # `timeout`; the run takes well under a minute.
@@ -21,6 +24,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source-path=SCRIPTDIR/..
 source .ci/lib.sh
+# shellcheck source-path=SCRIPTDIR/..
+source .ci/websocket_lib.sh
+# As .ci/run does, for a run by hand too: deno checks for no updates.
+export DENO_NO_UPDATE_CHECK=1
 setup tls "certificates and logs"
 SCHEME=https
 
@@ -400,6 +407,25 @@ if have chromium chromium; then
 fi
 
 # ---------------------------------------------------------------------------
+# WebSockets over TLS (wss://): the echo app of .ci/apps/ws_echo_app.ts
+# behind --app, through Deno's, Node's and the ws package's clients, and
+# Chromium (.ci/websocket_test.ts)
+# ---------------------------------------------------------------------------
+
+section "websocket"
+WS=""
+if launch ws-echo deno run --allow-net \
+  --allow-read="$CERT,$KEY,.ci/apps/ws_echo_app.ts" main.ts --port 0 \
+  --cert "$CERT" --key "$KEY" --app .ci/apps/ws_echo_app.ts; then
+  WS="https://127.0.0.1:${PORT[ws-echo]}"
+  echo "  $WS/ --app .ci/apps/ws_echo_app.ts (pid ${PID[ws-echo]})"
+  ws_package
+  ws_tests WS_URL="$WS" WS_CA="$CA" WS_SPKI="$SPKI"
+  check "access log: one 101 line per upgrade" \
+    ws_logged ws-echo "$WS" --cacert "$CA"
+fi
+
+# ---------------------------------------------------------------------------
 # nginx proxying to the HTTPS upstream, verifying its certificate
 # ---------------------------------------------------------------------------
 
@@ -547,20 +573,30 @@ fi
 
 MAIN_RC=0
 stop_server main || MAIN_RC=$?
+WS_RC=0
+if [ -n "$WS" ]; then stop_server ws-echo || WS_RC=$?; fi
 
 # Anything on the server's stderr is an uncaught error or a warning, such
 # as a TLS error logged for a client that gave up.
 quiet_stderr() {
-  if [ -s "$WORK/main.err" ]; then
-    head -n 20 "$WORK/main.err"
-    return 1
-  fi
+  local name
+  for name in main ws-echo; do
+    if [ -s "$WORK/$name.err" ]; then
+      echo "$name.err:"
+      head -n 20 "$WORK/$name.err"
+      return 1
+    fi
+  done
 }
 
 section "shutdown"
 check "SIGTERM: the server says 'Shutting down.' and exits 0" \
   exited_cleanly main "$MAIN_RC"
-check "the server wrote nothing to stderr" quiet_stderr
+if [ -n "$WS" ]; then
+  check "SIGTERM: the WebSocket app server says 'Shutting down.', exits 0" \
+    exited_cleanly ws-echo "$WS_RC"
+fi
+check "the servers wrote nothing to stderr" quiet_stderr
 
 echo
 summary

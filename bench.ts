@@ -24,6 +24,12 @@
  *   (wrk, which resumes the TLS session on each new connection) and a full
  *   handshake per request (ab, which never resumes one); and the memory
  *   each spends per idle TLS connection.
+ * - `websocket`: one echo handler served by ours through its
+ *   `upgradeWebSocket` and by `Deno.serve` with `Deno.upgradeWebSocket`,
+ *   loaded by the bench's own raw-TCP client with 64-byte and 16 KiB
+ *   binary messages over 100 connections, 8 in flight on each, and with
+ *   64-byte ones in strict ping-pong (messages per second and the server's
+ *   CPU time per message); and the memory each spends per idle WebSocket.
  *
  * `wrk` drives the servers in turn (A B C, A B C, ...) for several rounds,
  * the two servers of each target's ratio back to back;
@@ -33,7 +39,7 @@
  * floor, paired within each round. With `--workers N` it also runs ours with
  * N workers against `deno serve --parallel`. The results are markdown tables
  * on stdout, followed by PASS/FAIL lines for the targets; progress goes to
- * stderr. With the defaults a run takes about 15 minutes on a 2-core machine.
+ * stderr. With the defaults a run takes about 18 minutes on a 2-core machine.
  *
  * Needs `wrk` (`apt-get install -y wrk`), and for `https` also `openssl` and
  * `ab` (apache2-utils); `taskset` (util-linux) pins the load generator to
@@ -43,22 +49,27 @@
  * deno task bench
  * deno task bench --rounds 1 --duration 2 --only book,floor
  * deno task bench --only https
+ * deno task bench --only websocket --rounds 3 --duration 3
  * deno task bench --workers 2 --strict
  * ```
  *
  * Flags: `--rounds N` (5), `--duration S` per run (5), `--connections N`
- * (50), `--idle-connections N` (2000), `--only SECTION,...` (all of book,
- * floor, handler, memory, https), `--workers N` (off), `--strict` (exit 1
- * when a target fails). Internal: `--serve anchor|floor|floor-log|
- * deno-handler|ours-handler` runs one server (the anchor over TLS with
- * `--cert FILE --key FILE`), `--download PORT` times downloads of `/stream`.
+ * (50, wrk's), `--idle-connections N` (2000, HTTP ones and WebSockets),
+ * `--only SECTION,...` (all of book, floor, handler, memory, https,
+ * websocket), `--workers N` (off), `--strict` (exit 1 when a target fails).
+ * Internal: `--serve anchor|floor|floor-log|deno-handler|ours-handler|
+ * deno-ws|ours-ws` runs one server (the anchor over TLS with `--cert FILE
+ * --key FILE`), `--download PORT` times downloads of `/stream`, and
+ * `--ws-load PORT --size BYTES --window N --connections N --duration S`
+ * loads a WebSocket echo.
  *
  * @module
  */
 
 import { parseArgs } from "node:util";
 import { fileURLToPath } from "node:url";
-import { HELLO_PAGE, NOT_FOUND_PAGE, serve } from "./main.ts";
+import process from "node:process";
+import { HELLO_PAGE, NOT_FOUND_PAGE, serve, upgradeWebSocket } from "./main.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -243,6 +254,44 @@ function serveOursHandler(): void {
     onListen: announce,
     handler: benchHandler,
   });
+}
+
+// ---------------------------------------------------------------------------
+// WebSockets: one echo, served by ours and by `Deno.serve`
+// ---------------------------------------------------------------------------
+
+/** What `Deno.upgradeWebSocket` and ours's `upgradeWebSocket` both return. */
+interface Upgrade {
+  socket: WebSocket;
+  response: Response;
+}
+
+/**
+ * The `websocket` section's application, the same on both servers: every
+ * request is upgraded, and every message sent back as it came.
+ */
+function echoWebSocket(
+  upgrade: (request: Request) => Upgrade,
+): (request: Request) => Response {
+  return (request) => {
+    const { socket, response } = upgrade(request);
+    socket.onmessage = (event) => socket.send(event.data);
+    return response;
+  };
+}
+
+function serveDenoWebSocket(): void {
+  Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: announce },
+    echoWebSocket((request) => Deno.upgradeWebSocket(request)),
+  );
+}
+
+function serveOursWebSocket(): void {
+  serve(
+    { hostname: "127.0.0.1", port: 0, accessLog: false, onListen: announce },
+    echoWebSocket((request) => upgradeWebSocket(request)),
+  );
 }
 
 // ---------------------------------------------------------------------------
@@ -453,7 +502,14 @@ async function serveFloor(log: boolean): Promise<void> {
 // Options
 // ---------------------------------------------------------------------------
 
-const SECTIONS = ["book", "floor", "handler", "memory", "https"] as const;
+const SECTIONS = [
+  "book",
+  "floor",
+  "handler",
+  "memory",
+  "https",
+  "websocket",
+] as const;
 type Section = typeof SECTIONS[number];
 
 interface Options {
@@ -467,10 +523,19 @@ interface Options {
   only: Set<Section>;
 }
 
-/** The internal flags, which make this file a server or a download client. */
+/**
+ * The internal flags, which make this file a server, a download client or
+ * a WebSocket load generator (`--ws-load PORT --size BYTES --window N`,
+ * with `--connections` and `--duration`).
+ */
 interface Internal {
   serve?: string;
   download?: number;
+  wsLoad?: number;
+  /** The WebSocket load generator's message size, in bytes. */
+  size: number;
+  /** The messages it keeps in flight on each connection. */
+  window: number;
   /** With `--cert FILE --key FILE`, the anchor serves HTTPS. */
   files?: CertificateFiles;
 }
@@ -520,6 +585,9 @@ function parseOptions(args: string[]): Options & Internal {
       strict: { type: "boolean", default: false },
       serve: { type: "string" },
       download: { type: "string" },
+      "ws-load": { type: "string" },
+      size: { type: "string" },
+      window: { type: "string" },
       cert: { type: "string" },
       key: { type: "string" },
       help: { type: "boolean", default: false },
@@ -545,6 +613,11 @@ function parseOptions(args: string[]): Options & Internal {
     download: values.download === undefined
       ? undefined
       : positiveInt("download", values.download, 0),
+    wsLoad: values["ws-load"] === undefined
+      ? undefined
+      : positiveInt("ws-load", values["ws-load"], 0),
+    size: positiveInt("size", values.size, 64),
+    window: positiveInt("window", values.window, WS_WINDOW),
     files: values.cert !== undefined && values.key !== undefined
       ? { cert: values.cert, key: values.key }
       : undefined,
@@ -885,6 +958,273 @@ async function download(port: number): Promise<void> {
 }
 
 // ---------------------------------------------------------------------------
+// A raw WebSocket client, for the checks, the idle sockets and the load
+// ---------------------------------------------------------------------------
+
+/**
+ * RFC 6455's example key (§1.3) and its accept value. The key only makes
+ * the server prove it read the handshake, so one fixed key does, and the
+ * client need not hash anything.
+ */
+const WS_KEY = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+const WS_UPGRADE = encoder.encode(
+  "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n" +
+    `Connection: Upgrade\r\nSec-WebSocket-Key: ${WS_KEY}\r\n` +
+    "Sec-WebSocket-Version: 13\r\n\r\n",
+);
+
+/**
+ * The mask of every frame the client sends. RFC 6455 §5.3 asks for a new,
+ * unpredictable one per frame, against intermediaries that would take a
+ * client's bytes for their own; on loopback to a server that must unmask
+ * whatever mask comes, one constant lets each message be masked once,
+ * before the clock starts, so that the client spends nothing per byte.
+ */
+const WS_MASK = new Uint8Array([0x5a, 0xc3, 0x17, 0xe8]);
+
+/** FIN with the binary opcode (RFC 6455 §5.2): a whole binary message. */
+const WS_BINARY = 0x82;
+
+/** A message's payload: bytes that vary, so a misplaced one shows. */
+function wsPayload(size: number): Uint8Array {
+  return Uint8Array.from({ length: size }, (_, i) => (i * 31 + 7) & 0xff);
+}
+
+/**
+ * The header of a binary frame of `size` bytes (RFC 6455 §5.2), its length
+ * in the shortest form, which is the form a server must send; with the
+ * mask bit and key when a client sends it.
+ */
+function wsHead(size: number, masked: boolean): Uint8Array {
+  const extra = size < 126 ? 0 : size < 0x10000 ? 2 : 8;
+  const head = new Uint8Array(2 + extra + (masked ? 4 : 0));
+  const view = new DataView(head.buffer);
+  head[0] = WS_BINARY;
+  if (extra === 0) head[1] = size;
+  else if (extra === 2) {
+    head[1] = 126;
+    view.setUint16(2, size);
+  } else {
+    head[1] = 127;
+    view.setBigUint64(2, BigInt(size));
+  }
+  if (masked) {
+    head[1] |= 0x80;
+    head.set(WS_MASK, 2 + extra);
+  }
+  return head;
+}
+
+/** The frame the client sends for a message of `size` bytes, masked. */
+function wsClientFrame(size: number): Uint8Array {
+  const payload = wsPayload(size).map((byte, i) => byte ^ WS_MASK[i & 3]);
+  return append(wsHead(size, true), payload);
+}
+
+/** The frame an echo answers it with: the same payload, unmasked. */
+function wsEchoFrame(size: number): Uint8Array {
+  return append(wsHead(size, false), wsPayload(size));
+}
+
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && a.every((byte, i) => byte === b[i]);
+}
+
+/**
+ * A connection upgraded to a WebSocket (the server's 101 carries the right
+ * accept value), on which one binary message of `size` bytes has been
+ * echoed back intact.
+ */
+async function openWebSocket(port: number, size: number): Promise<Deno.Conn> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    // Small writes go out at once, not after the ACK of the last (Nagle).
+    conn.setNoDelay(true);
+    await writeAll(conn, WS_UPGRADE);
+    const chunk = new Uint8Array(64 * 1024);
+    let data: Uint8Array = new Uint8Array(0);
+    let headEnd = -1;
+    const more = async () => {
+      const n = await conn.read(chunk);
+      if (n === null) throw new Error("WebSocket closed during the handshake");
+      data = append(data, chunk.subarray(0, n));
+    };
+    while ((headEnd = indexOfHeadEnd(data)) < 0) {
+      if (data.length > 16 * 1024) throw new Error("no end to the 101's head");
+      await more();
+    }
+    const head = decoder.decode(data.subarray(0, headEnd));
+    const accept = head.split("\r\n").find((line) =>
+      /^sec-websocket-accept:/i.test(line)
+    );
+    if (
+      !head.startsWith("HTTP/1.1 101 ") ||
+      accept?.slice(accept.indexOf(":") + 1).trim() !== WS_ACCEPT
+    ) {
+      throw new Error(`not a WebSocket upgrade:\n${head}`);
+    }
+    const echo = wsEchoFrame(size);
+    await writeAll(conn, wsClientFrame(size));
+    while (data.length < headEnd + echo.length) await more();
+    if (!sameBytes(data.subarray(headEnd), echo)) {
+      throw new Error(`the echo of a ${size}-byte message differs`);
+    }
+    return conn;
+  } catch (error) {
+    conn.close();
+    throw error;
+  }
+}
+
+/** Checks that a server echoes a small and a large WebSocket message. */
+async function checkWebSocket(server: Server): Promise<void> {
+  for (const size of WS_SIZES) {
+    const conn = await openWebSocket(server.port, size).catch((error) => {
+      throw new Error(`${server.name}: ${error.message}`);
+    });
+    conn.close();
+  }
+}
+
+/**
+ * Counts the frames a server sends from their headers alone (RFC 6455
+ * §5.2), skipping the payloads unread, for a client that needs no more than
+ * their number. Every frame must be the echo: an unmasked, whole binary
+ * message of the size sent.
+ */
+class EchoCounter {
+  /** Payload bytes of the frame under way still to come. */
+  #left = 0;
+  /** The header under way, which a read may cut anywhere. */
+  #head = new Uint8Array(14);
+  #view = new DataView(this.#head.buffer);
+  #have = 0;
+
+  constructor(readonly size: number) {}
+
+  /** The frames that end within the first `n` bytes of `bytes`. */
+  count(bytes: Uint8Array, n: number): number {
+    let frames = 0;
+    for (let at = 0; at < n;) {
+      if (this.#left > 0) {
+        const skipped = Math.min(this.#left, n - at);
+        this.#left -= skipped;
+        at += skipped;
+        if (this.#left === 0) frames++;
+        continue;
+      }
+      const head = this.#head;
+      head[this.#have++] = bytes[at++];
+      if (this.#have < 2) continue;
+      const code = head[1] & 0x7f;
+      const extra = code === 127 ? 8 : code === 126 ? 2 : 0;
+      if (this.#have < 2 + extra) continue;
+      const length = extra === 0
+        ? code
+        : extra === 2
+        ? this.#view.getUint16(2)
+        : Number(this.#view.getBigUint64(2));
+      if (head[0] !== WS_BINARY || head[1] & 0x80 || length !== this.size) {
+        throw new Error(
+          `unexpected frame: ${head[0].toString(16)} ` +
+            `${head[1].toString(16)}, ${length} bytes`,
+        );
+      }
+      this.#have = 0;
+      if (length === 0) frames++;
+      else this.#left = length;
+    }
+    return frames;
+  }
+}
+
+/** What the WebSocket load generator prints when its time is up. */
+interface WebSocketReport {
+  /** Echoes received within the timed window. */
+  messages: number;
+  /** The timed window, from the first message sent. */
+  seconds: number;
+  /** Connections that failed before the end: closed, or a wrong frame. */
+  errors: number;
+  /** The generator's own CPU time in the window (user + system). */
+  cpuSeconds: number;
+}
+
+/**
+ * The WebSocket load generator (`--ws-load PORT`): `connections` upgraded
+ * connections, each of which keeps `inFlight` messages of `size` bytes in
+ * flight for `seconds` — it sends that many at the start, and as many as
+ * each read brings echoes of, in one write — and prints the echoes counted
+ * as JSON. The frames are made before the clock starts, and the echoes are
+ * counted from their headers: what it does per message is a read and a
+ * write shared by all the echoes that read brought. Run pinned, like wrk.
+ */
+async function webSocketLoad(
+  port: number,
+  connections: number,
+  size: number,
+  inFlight: number,
+  seconds: number,
+): Promise<void> {
+  const frame = wsClientFrame(size);
+  const window = new Uint8Array(inFlight * frame.length);
+  for (let i = 0; i < inFlight; i++) window.set(frame, i * frame.length);
+  const conns: Deno.Conn[] = [];
+  // A hundred at a time, as openIdle does: no burst past a listen backlog.
+  while (conns.length < connections) {
+    const batch = Math.min(100, connections - conns.length);
+    conns.push(
+      ...await Promise.all(
+        Array.from({ length: batch }, () => openWebSocket(port, size)),
+      ),
+    );
+  }
+  let messages = 0;
+  let errors = 0;
+  let running = true;
+  const started = performance.now();
+  const cpu = process.cpuUsage();
+  const { promise: done, resolve } = Promise.withResolvers<WebSocketReport>();
+  setTimeout(() => {
+    running = false;
+    const used = process.cpuUsage(cpu);
+    resolve({
+      messages,
+      seconds: (performance.now() - started) / 1000,
+      errors,
+      cpuSeconds: (used.user + used.system) / 1e6,
+    });
+    // The reads still waiting fail, and their loops end.
+    for (const conn of conns) conn.close();
+  }, seconds * 1000);
+  const loops = conns.map(async (conn) => {
+    const counter = new EchoCounter(size);
+    const buffer = new Uint8Array(64 * 1024);
+    try {
+      await writeAll(conn, window);
+      while (running) {
+        const n = await conn.read(buffer);
+        if (n === null) throw new Error("closed by the server");
+        const echoed = counter.count(buffer, n);
+        if (echoed === 0 || !running) continue;
+        messages += echoed;
+        await writeAll(conn, window.subarray(0, echoed * frame.length));
+      }
+    } catch (error) {
+      if (running) {
+        errors++;
+        console.error(`WebSocket load: ${(error as Error).message}`);
+      }
+    }
+  });
+  const report = await done;
+  await Promise.all(loops);
+  console.log(JSON.stringify(report));
+}
+
+// ---------------------------------------------------------------------------
 // wrk, and the downloads
 // ---------------------------------------------------------------------------
 
@@ -896,11 +1236,17 @@ const PIPELINE_DEPTH = 16;
 interface Workload {
   name: string;
   /**
-   * How wrk sends the requests; "stream" times downloads instead, and
-   * "handshake" has ab make a full TLS handshake for every request.
+   * How wrk sends the requests; "stream" times downloads instead,
+   * "handshake" has ab make a full TLS handshake for every request, and
+   * "websocket" has the bench's own client send messages of `size` bytes to
+   * an echo.
    */
-  mode: Mode | "stream" | "handshake";
+  mode: Mode | "stream" | "handshake" | "websocket";
   path: string;
+  /** A WebSocket message's size, in bytes. */
+  size?: number;
+  /** The WebSocket messages in flight on each connection. */
+  window?: number;
   /** A wrk script among the helper files, which sets method and body. */
   script?: string;
   /** Over HTTPS, to the servers of the `https` section. */
@@ -951,6 +1297,44 @@ const HTTPS: Workload[] = [
   },
 ];
 
+/** The `websocket` section's message sizes, one row each. */
+const WS_SIZES = [64, 16 * 1024];
+/** The WebSocket connections the load generator keeps busy. */
+const WS_CONNECTIONS = 100;
+/**
+ * The messages each WebSocket connection keeps in flight in the echo rows:
+ * some pipelining, as a chatty client has. In strict ping-pong a message
+ * costs the client a read and a write, about as much CPU as `Deno.serve`
+ * spends on it, so the client, on its one CPU, nears being the bottleneck,
+ * and both sides idle while the other wakes up. With 8, a read brings the
+ * client one to eight echoes and one write answers them all: it spends
+ * about two thirds of what `Deno.serve` does per message, and the server's
+ * CPU is the one that fills. At most 800 are in flight over the 100
+ * connections: still no bulk transfer.
+ */
+const WS_WINDOW = 8;
+const WS_ECHOES: Workload[] = WS_SIZES.map((size) => ({
+  name: `ws echo ${size < 1024 ? `${size} B` : `${size / 1024} KiB`}`,
+  mode: "websocket",
+  path: "/",
+  size,
+  window: WS_WINDOW,
+}));
+/**
+ * Strict ping-pong, one message in flight per connection, without a
+ * target: a server that answers all the messages of a read in one write
+ * gains much from the window, and this row shows what a message costs it
+ * without one.
+ */
+const WS_PING_PONG: Workload = {
+  name: "ws echo 64 B ping-pong",
+  mode: "websocket",
+  path: "/",
+  size: 64,
+  window: 1,
+};
+const WEBSOCKET = [...WS_ECHOES, WS_PING_PONG];
+
 // wrk.format() with no arguments takes the path from the URL.
 const PIPELINE_LUA = `-- ${PIPELINE_DEPTH} requests per write
 local batch
@@ -977,8 +1361,13 @@ interface Sample {
   errors: number;
   /** The server's CPU time during the run, in cores (1 = one busy core). */
   cpu: number;
-  /** The server's CPU time per request (per download for the stream), µs. */
+  /**
+   * The server's CPU time per request (per download for the stream, per
+   * message echoed for WebSockets), µs.
+   */
   cpuPerRequest: number;
+  /** The WebSocket load generator's CPU time, in cores. */
+  clientCpu?: number;
 }
 
 const UNIT_MS: Record<string, number> = {
@@ -1168,12 +1557,53 @@ async function runDownloads(server: Server, load: Load): Promise<Sample> {
   };
 }
 
+/**
+ * Runs the WebSocket load generator against `server`, pinned like wrk. The
+ * server's CPU time is taken around the whole run, handshakes and the last
+ * echoes in flight included, and divided by the echoes counted in the timed
+ * window; its share of a core is over that window, which is most of it.
+ */
+async function runWebSocketLoad(
+  server: Server,
+  workload: Workload,
+  load: Load,
+): Promise<Sample> {
+  const ticks = await cpuTicks(server.pid);
+  const output = await outputOf([
+    ...load.pin,
+    ...ROLE,
+    "--ws-load",
+    String(server.port),
+    "--connections",
+    String(WS_CONNECTIONS),
+    "--size",
+    String(workload.size),
+    "--window",
+    String(workload.window),
+    "--duration",
+    String(load.duration),
+  ], load.duration + 30);
+  const cpuSeconds = (await cpuTicks(server.pid) - ticks) / CLOCK_TICKS;
+  const report: WebSocketReport = JSON.parse(output);
+  return {
+    rate: report.messages / report.seconds,
+    p99: NaN,
+    errors: report.errors,
+    cpu: cpuSeconds / report.seconds,
+    cpuPerRequest: cpuSeconds * 1e6 / report.messages,
+    clientCpu: report.cpuSeconds / report.seconds,
+  };
+}
+
 function runWorkload(
   server: Server,
   workload: Workload,
   load: Load,
 ): Promise<Sample> {
   if (workload.mode === "stream") return runDownloads(server, load);
+  if (workload.mode === "websocket") {
+    return runWebSocketLoad(server, workload, load);
+  }
   if (workload.mode === "handshake") return runAb(server, workload, load);
   return runWrk(server, workload, load);
 }
@@ -1231,20 +1661,20 @@ async function established(port: number): Promise<number> {
 }
 
 /**
- * Opens `count` connections, 100 at a time, each after one request (over
- * TLS, so each has completed its handshake).
+ * Opens `count` connections with `open`, 100 at a time: each after one
+ * request (over TLS, so each has completed its handshake), or upgraded to a
+ * WebSocket that has echoed one message.
  */
 async function openIdle(
-  port: number,
   count: number,
-  tls: boolean,
+  open: () => Promise<Deno.Conn>,
 ): Promise<Deno.Conn[]> {
   const conns: Deno.Conn[] = [];
   try {
     while (conns.length < count) {
       const batch = Math.min(100, count - conns.length);
       const opened = await Promise.allSettled(
-        Array.from({ length: batch }, () => openKeptAlive(port, tls)),
+        Array.from({ length: batch }, open),
       );
       for (const result of opened) {
         if (result.status === "fulfilled") conns.push(result.value);
@@ -1259,19 +1689,29 @@ async function openIdle(
   }
 }
 
+/**
+ * The growth of `server`'s RSS with `count` idle connections: kept-alive
+ * HTTP ones, or with `webSocket` WebSockets that have echoed one message
+ * of 64 bytes.
+ */
 async function measureIdle(
   server: Server,
   count: number,
   load: Load,
+  webSocket: boolean,
 ): Promise<Memory> {
-  // Warm up (JIT, heap) with a short keep-alive run, then let it settle.
-  await runWrk(server, server.tls ? HTTPS[0] : BOOK[0], {
-    ...load,
-    duration: 1,
-  });
+  // Warm up (JIT, heap) with a short run, then let it settle.
+  const warm = { ...load, duration: 1 };
+  if (webSocket) await runWebSocketLoad(server, WEBSOCKET[0], warm);
+  else await runWrk(server, server.tls ? HTTPS[0] : BOOK[0], warm);
   await delay(1_000);
   const beforeKiB = await rssKiB(server.pid);
-  const conns = await openIdle(server.port, count, server.tls);
+  const conns = await openIdle(
+    count,
+    webSocket
+      ? () => openWebSocket(server.port, WS_SIZES[0])
+      : () => openKeptAlive(server.port, server.tls),
+  );
   try {
     await delay(1_000);
     const afterKiB = await rssKiB(server.pid);
@@ -1367,8 +1807,13 @@ const OURS_HANDLER = "ours (handler)";
 const ANCHOR_HANDLER = "Deno.serve (handler)";
 const OURS_TLS = "ours (TLS)";
 const ANCHOR_TLS = "Deno.serve (TLS)";
+const OURS_WS = "ours (WebSocket)";
+const ANCHOR_WS = "Deno.serve (WebSocket)";
 
-/** This file, run in one of its internal roles (`--serve`, `--download`). */
+/**
+ * This file, run in one of its internal roles (`--serve`, `--download`,
+ * `--ws-load`).
+ */
 const ROLE = ["deno", "run", "--allow-net=127.0.0.1", "bench.ts"];
 
 /** The servers of the book's routes. */
@@ -1442,6 +1887,21 @@ function httpsContenders(files: CertificateFiles): Contender[] {
   ];
 }
 
+/** The echo servers of the `websocket` section. */
+const webSocketContenders = (): Contender[] => [
+  {
+    name: OURS_WS,
+    command: [...ROLE, "--serve", "ours-ws"],
+    workloads: WEBSOCKET,
+    base: ANCHOR_WS,
+  },
+  {
+    name: ANCHOR_WS,
+    command: [...ROLE, "--serve", "deno-ws"],
+    workloads: WEBSOCKET,
+  },
+];
+
 function contenders(
   options: Options,
   env: Environment,
@@ -1477,6 +1937,7 @@ function contenders(
   if (options.only.has("https") && certificate) {
     list.push(...httpsContenders(certificate.files));
   }
+  if (options.only.has("websocket")) list.push(...webSocketContenders());
   if (options.workers > 1) {
     const n = options.workers;
     list.push({
@@ -1598,13 +2059,17 @@ function workloadsOf(list: Contender[]): Workload[] {
     .sort((a, b) => ALL.indexOf(a) - ALL.indexOf(b));
 }
 
-const ALL = [...BOOK, ...HANDLER, ...HTTPS];
+const ALL = [...BOOK, ...HANDLER, ...HTTPS, ...WEBSOCKET];
 
 function fmtSample(workload: Workload, sample: Sample): string {
-  return workload.mode === "stream"
-    ? `${fmtInt(sample.rate)} MB/s`
-    : `${fmtInt(sample.rate)} req/s, p99 ${fmtMs(sample.p99)} ms, ` +
-      `${sample.errors} errors, ${fmtUs(sample.cpuPerRequest)} µs/req`;
+  if (workload.mode === "stream") return `${fmtInt(sample.rate)} MB/s`;
+  if (workload.mode === "websocket") {
+    return `${fmtInt(sample.rate)} msgs/s, ${sample.errors} errors, ` +
+      `${fmtUs(sample.cpuPerRequest)} µs/msg, load generator CPU ` +
+      `${fmtPercent(sample.clientCpu ?? NaN)}`;
+  }
+  return `${fmtInt(sample.rate)} req/s, p99 ${fmtMs(sample.p99)} ms, ` +
+    `${sample.errors} errors, ${fmtUs(sample.cpuPerRequest)} µs/req`;
 }
 
 /** One uncounted second of every workload on every server: JIT, caches. */
@@ -1680,7 +2145,12 @@ async function measureMemory(
       : contender;
     const server = await startServer(spec, env.serverPin);
     try {
-      const result = await measureIdle(server, count, load);
+      const result = await measureIdle(
+        server,
+        count,
+        load,
+        contender.workloads === WEBSOCKET,
+      );
       memory.set(contender.name, result);
       console.error(
         `memory ${contender.name}: ${result.beforeKiB} -> ${result.afterKiB}` +
@@ -1758,6 +2228,8 @@ function pairedRatio(
 
 /** Requests per second of server CPU: the floor's divided by it is ≤ 1. */
 const perCpu = (sample: Sample) => 1 / sample.cpuPerRequest;
+/** Server CPU per WebSocket message: ours's divided by it should be ≤ 1. */
+const perMessage = (sample: Sample) => sample.cpuPerRequest;
 
 /**
  * Where a workload's floor figures are: the floor's run in its mode. The
@@ -1776,6 +2248,10 @@ interface Target {
   pass: boolean;
 }
 
+/** A row of the table of requests: not the stream's, nor a WebSocket's. */
+const isRequestRow = (workload: Workload) =>
+  workload.mode !== "stream" && workload.mode !== "websocket";
+
 function throughputTable(results: Results, list: Contender[]): string[] {
   const lines = [
     "| workload | server | req/s | p99 ms | errors | ÷ base | ÷ floor | " +
@@ -1783,7 +2259,7 @@ function throughputTable(results: Results, list: Contender[]): string[] {
     "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
   ];
   for (const workload of workloadsOf(list)) {
-    if (workload.mode === "stream") continue;
+    if (!isRequestRow(workload)) continue;
     for (const contender of list) {
       if (!contender.workloads.includes(workload)) continue;
       const at = key(workload, contender.name);
@@ -1826,6 +2302,43 @@ function streamTable(results: Results, list: Contender[]): string[] {
   return lines;
 }
 
+function webSocketTable(results: Results, list: Contender[]): string[] {
+  const lines = [
+    "| workload | server | msgs/s | errors | ÷ base | server CPU | " +
+    "CPU µs/msg | CPU/msg ÷ base | load generator CPU |",
+    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+  ];
+  for (const workload of WEBSOCKET) {
+    for (const contender of list) {
+      if (!contender.workloads.includes(workload)) continue;
+      const at = key(workload, contender.name);
+      const s = summarize(results, at);
+      const client = median(
+        (results.get(at) ?? []).map((sample) => sample.clientCpu ?? NaN),
+      );
+      const [base, cpuToBase] = contender.base
+        ? [
+          ratio(pairedRatio(results, at, key(workload, contender.base))),
+          ratio(
+            pairedRatio(
+              results,
+              at,
+              key(workload, contender.base),
+              perMessage,
+            ),
+          ),
+        ]
+        : ["–", "–"];
+      lines.push(
+        `| ${workload.name} | ${contender.name} | ${fmtInt(s.rate)} | ` +
+          `${s.errors} | ${base} | ${fmtPercent(s.cpu)} | ` +
+          `${fmtUs(s.cpuPerRequest)} | ${cpuToBase} | ${fmtPercent(client)} |`,
+      );
+    }
+  }
+  return lines;
+}
+
 function memoryTable(memory: Map<string, Memory>): string[] {
   const lines = [
     "| server | idle connections | RSS before KiB | RSS after KiB | KiB/conn |",
@@ -1850,6 +2363,14 @@ function atLeast(
   return {
     label: `${label} ≥ ${least.toFixed(2)}× (${ratio(value)}${note})`,
     pass: value >= least,
+  };
+}
+
+/** A target on a ratio: PASS when it is at most `most`. */
+function atMost(label: string, value: number, most: number): Target {
+  return {
+    label: `${label} ≤ ${most.toFixed(2)}× (${ratio(value)})`,
+    pass: value <= most,
   };
 }
 
@@ -1970,6 +2491,36 @@ function targets(
       ),
     );
   }
+  if (has("websocket")) {
+    const small = WS_ECHOES[0].name;
+    const kib = (name: string) => memory.get(name)?.kibPerConnection ?? NaN;
+    const ours = kib(OURS_WS);
+    const anchor = kib(ANCHOR_WS);
+    checks.push(
+      ...WS_ECHOES.map((workload) =>
+        atLeast(
+          `${workload.name}: ours ÷ Deno.serve msgs/s`,
+          vs(workload.name, OURS_WS, ANCHOR_WS),
+          1,
+        )
+      ),
+      atMost(
+        `${small}: ours ÷ Deno.serve CPU per message`,
+        pairedRatio(
+          results,
+          key(small, OURS_WS),
+          key(small, ANCHOR_WS),
+          perMessage,
+        ),
+        1,
+      ),
+      {
+        label: `idle WebSocket memory: ours no more than Deno.serve ` +
+          `(${ours.toFixed(2)} vs ${anchor.toFixed(2)} KiB per socket)`,
+        pass: ours <= anchor,
+      },
+    );
+  }
   let oursErrors = 0;
   for (const [at, samples] of results) {
     if (!at.split("|")[1].startsWith(OURS)) continue;
@@ -2045,9 +2596,31 @@ function report(
         `rows hold connections that completed a handshake`,
     );
   }
-  if (list.length > 0) lines.push("", ...throughputTable(results, list));
+  if (options.only.has("websocket")) {
+    lines.push(
+      `- websocket: one echo (\`socket.onmessage = (e) => ` +
+        `socket.send(e.data)\`) on ours (\`serve()\` with its ` +
+        `\`upgradeWebSocket\`) and on \`Deno.serve\` with ` +
+        `\`Deno.upgradeWebSocket\`; the load generator is bench.ts's own ` +
+        `raw-TCP client, pinned as wrk is: ${WS_CONNECTIONS} connections, ` +
+        `each with ${WS_WINDOW} binary messages in flight (a new one sent ` +
+        `for each echo, those of one read in one write; frames masked once ` +
+        `in advance, echoes counted from their headers), or 1 in ` +
+        `"ping-pong" (no target); msgs/s = echoes ` +
+        `received per second; CPU µs/msg = the server's CPU time around ` +
+        `the run ÷ echoes; "load generator CPU" is its own, of its one ` +
+        `CPU; idle memory rows "(WebSocket)": upgraded sockets that each ` +
+        `echoed one 64-byte message`,
+    );
+  }
+  if (list.some((c) => c.workloads.some(isRequestRow))) {
+    lines.push("", ...throughputTable(results, list));
+  }
   if (list.some((c) => c.workloads.includes(STREAM))) {
     lines.push("", ...streamTable(results, list));
+  }
+  if (list.some((c) => c.workloads === WEBSOCKET)) {
+    lines.push("", ...webSocketTable(results, list));
   }
   if (memory.size > 0) lines.push("", ...memoryTable(memory));
   if (memory.has(OURS_TLS)) {
@@ -2102,7 +2675,11 @@ async function bench(options: Options): Promise<boolean> {
     for (const contender of list) {
       const server = await startServer(contender, env.serverPin);
       servers.set(contender.name, server);
-      const check = contender.workloads === HANDLER ? checkHandler : checkHello;
+      const check = contender.workloads === HANDLER
+        ? checkHandler
+        : contender.workloads === WEBSOCKET
+        ? checkWebSocket
+        : checkHello;
       await check(server);
       if (server.tls) tls.push(await describeTls(server));
     }
@@ -2118,6 +2695,9 @@ async function bench(options: Options): Promise<boolean> {
     }
     if (options.only.has("https") && certificate) {
       memoryList.push(...httpsContenders(certificate.files));
+    }
+    if (options.only.has("websocket")) {
+      memoryList.push(...webSocketContenders());
     }
     let memory = new Map<string, Memory>();
     if (memoryList.length > 0) {
@@ -2160,6 +2740,10 @@ function serveRole(role: string, files?: CertificateFiles): void {
       return serveDenoHandler();
     case "ours-handler":
       return serveOursHandler();
+    case "deno-ws":
+      return serveDenoWebSocket();
+    case "ours-ws":
+      return serveOursWebSocket();
     default:
       throw new Error(`unknown server: ${role}`);
   }
@@ -2171,6 +2755,14 @@ if (import.meta.main) {
     serveRole(options.serve, options.files);
   } else if (options.download !== undefined) {
     await download(options.download);
+  } else if (options.wsLoad !== undefined) {
+    await webSocketLoad(
+      options.wsLoad,
+      options.connections,
+      options.size,
+      options.window,
+      options.duration,
+    );
   } else {
     const interrupted = () => {
       cleanUp().finally(() => Deno.exit(130));

@@ -10,7 +10,8 @@
  * and pipelined, slow or hostile clients are cut by timeouts and limits, and a
  * shutdown finishes every response it owes. The same core carries a user's
  * application (`serve(handler)`, `Deno.serve`'s API, or `--app`), a folder of
- * files (`--root`), and HTTPS (`--cert`, `--key`).
+ * files (`--root`), HTTPS (`--cert`, `--key`) and WebSockets
+ * (`upgradeWebSocket()`, or `Deno.upgradeWebSocket` as it is).
  *
  * Run it (the only permission it needs is the network):
  *
@@ -25,9 +26,10 @@
  * `--root DIR`, `--list`, `--dotfiles`, `--cert F`, `--key F`,
  * `--redirect-http PORT`, `--header-timeout S`, `--idle-timeout S`,
  * `--body-timeout S`, `--shutdown-timeout S`, `--max-connections N`,
- * `--max-body BYTES`, `--sleep-delay S`, `--workers N|auto` (needs
- * `--allow-read` and `--unstable-net`), `--version`. SIGINT or SIGTERM shuts
- * down gracefully.
+ * `--max-body BYTES`, `--ws-idle-timeout S`, `--ws-close-timeout S`,
+ * `--ws-max-message BYTES`, `--ws-max-buffered BYTES`, `--no-compress`,
+ * `--sleep-delay S`, `--workers N|auto` (needs `--allow-read` and
+ * `--unstable-net`), `--version`. SIGINT or SIGTERM shuts down gracefully.
  *
  * Or use it from code, as `Deno.serve`:
  *
@@ -42,8 +44,9 @@
  *
  * The sections, in order: the pages; options and limits; `serve()`;
  * `handleConnection()`; `parseRequest()`; request bodies; `route()`; the
- * handler; writing responses; files; the access log; the command line;
- * the workers.
+ * handler; writing responses; files; WebSockets (the handshake,
+ * permessage-deflate, frames, the sender, the session, the socket); the
+ * access log; the command line; the workers.
  *
  * @module
  */
@@ -5457,6 +5460,8 @@ async function serveWebSocket(
   try {
     if (session.agreed.deflate) await loadZlib();
     session.open();
+    // Upgraded while the server shuts down: it goes as the others went.
+    if (server.closing) session.close(1001);
     let verdict: number;
     while (true) {
       verdict = session.receive(
@@ -6071,7 +6076,14 @@ interface Settings extends ServeOptions {
   version?: boolean;
 }
 
-type Kind = "seconds" | "count" | "port" | "text" | "switch" | "workers";
+type Kind =
+  | "seconds"
+  | "count"
+  | "port"
+  | "text"
+  | "switch"
+  | "off"
+  | "workers";
 
 const FLAGS: Record<string, [keyof Settings, Kind]> = {
   "--hostname": ["hostname", "text"],
@@ -6092,6 +6104,11 @@ const FLAGS: Record<string, [keyof Settings, Kind]> = {
   "--sleep-delay": ["sleepDelay", "seconds"],
   "--max-connections": ["maxConnections", "count"],
   "--max-body": ["maxBody", "count"],
+  "--ws-idle-timeout": ["wsIdleTimeout", "seconds"],
+  "--ws-close-timeout": ["wsCloseTimeout", "seconds"],
+  "--ws-max-message": ["wsMaxMessage", "count"],
+  "--ws-max-buffered": ["wsMaxBuffered", "count"],
+  "--no-compress": ["compression", "off"],
   "--help": ["help", "switch"],
   "--version": ["version", "switch"],
 };
@@ -6104,9 +6121,9 @@ function parseFlags(args: string[]): Settings {
     const known = FLAGS[flag];
     if (!known) throw new Error(`unknown flag: ${args[i]}`);
     const [key, kind] = known;
-    if (kind === "switch") {
+    if (kind === "switch" || kind === "off") {
       if (inline !== undefined) throw new Error(`${flag} takes no value`);
-      settings[key] = true;
+      settings[key] = kind === "switch";
       continue;
     }
     const text = inline ?? args[++i];
@@ -6169,6 +6186,13 @@ Flags (seconds may have fractions):
   --shutdown-timeout S     close what is still busy S after a signal (default 10)
   --max-connections N      stop accepting at N open connections (default 10000)
   --max-body BYTES         413 for larger bodies (default 1048576)
+  --ws-idle-timeout S      ping a silent WebSocket, close it if it stays
+                           silent as long again (default 30)
+  --ws-close-timeout S     cut a WebSocket closing handshake (default 5)
+  --ws-max-message BYTES   close 1009 past this message size (default 1048576)
+  --ws-max-buffered BYTES  cut a WebSocket client that reads nothing once this
+                           much is queued for it (default 16777216)
+  --no-compress            no permessage-deflate
   --sleep-delay S          how long GET /sleep sleeps (default 5)
   --version                print the version
   --help                   print this help

@@ -6115,3 +6115,97 @@ Deno.test("parseFrameHead() reports incomplete heads, then the bytes taken, or t
   );
   assert.equal(frame.compressed, true);
 });
+
+/** A client's frames, some of them broken at random: the fuzzer's input. */
+function mutatedFrames(next: () => number): Uint8Array {
+  const pick = <T>(items: T[]): T => items[Math.floor(next() * items.length)];
+  const frames: Uint8Array[] = [];
+  const count = 1 + Math.floor(next() * 6);
+  for (let i = 0; i < count; i++) {
+    const size = pick([0, 1, 5, 125, 126, 200, 70_000]);
+    frames.push(
+      pick([
+        () => wsFrame(0x1, "é".repeat(size >> 1)),
+        () => wsFrame(0x2, noise(i, size)),
+        () => wsFrame(0x9, noise(i, Math.min(size, 125))),
+        () =>
+          concat([
+            wsFrame(0x1, "ab", { fin: false }),
+            wsFrame(0x0, "cd"),
+          ]),
+        () => wsFrame(0x8, closePayload(pick([1000, 1001, 3000, 1005, 999]))),
+      ])(),
+    );
+  }
+  const bytes = concat(frames);
+  const mutations = Math.floor(next() * 4);
+  for (let i = 0; i < mutations && bytes.length > 0; i++) {
+    bytes[Math.floor(next() * bytes.length)] ^= 1 << Math.floor(next() * 8);
+  }
+  const cut = next() < 0.2 ? Math.floor(next() * bytes.length) : bytes.length;
+  return bytes.subarray(0, cut);
+}
+
+Deno.test("serve() answers hundreds of mutated WebSocket frame sequences with well-formed frames", async () => {
+  const granted =
+    Deno.permissions.querySync({ name: "env", variable: "FUZZ_SEED" })
+      .state === "granted";
+  const seed = Number(
+    (granted && Deno.env.get("FUZZ_SEED")) || Date.now() % 2 ** 31,
+  );
+  console.log(
+    `websocket fuzz seed ${seed} (replay: FUZZ_SEED=${seed} deno test --allow-net --allow-env)`,
+  );
+  const next = random(seed);
+  await withEchoServer({ wsMaxMessage: 64 * 1024 }, async (server) => {
+    for (let i = 0; i < 300; i++) {
+      const input = mutatedFrames(next);
+      const { client } = await openSocket(server);
+      try {
+        await client.send(input);
+        await client.conn.closeWrite();
+        let frame: Frame | null;
+        let closed = false;
+        while ((frame = await readFrame(client))) {
+          assert.ok(!closed, `#${i}: nothing follows a close frame`);
+          assert.ok(
+            [0x1, 0x2, 0x8, 0xa].includes(frame.opcode) && frame.fin &&
+              frame.rsv === 0,
+            `#${i}: a frame a server may send (${frame.opcode})`,
+          );
+          if (frame.opcode === 0x1) {
+            assert.doesNotThrow(
+              () =>
+                new TextDecoder("utf-8", { fatal: true }).decode(
+                  frame!.payload,
+                ),
+              `#${i}: text is UTF-8`,
+            );
+          }
+          if (frame.opcode === 0x8) {
+            closed = true;
+            const { payload } = frame;
+            assert.notEqual(payload.length, 1, `#${i}: a close code is whole`);
+            const code = payload.length ? payload[0] << 8 | payload[1] : 1000;
+            assert.ok(
+              (code >= 1000 && code <= 1014 &&
+                ![1004, 1005, 1006].includes(code)) ||
+                (code >= 3000 && code <= 4999),
+              `#${i}: close code ${code} may be sent`,
+            );
+          }
+        }
+      } finally {
+        client.close();
+      }
+    }
+    // Still serving.
+    const { client } = await openSocket(server);
+    await client.send(wsFrame(0x1, "after the fuzz"));
+    assert.equal(
+      decoder.decode((await readFrame(client))!.payload),
+      "after the fuzz",
+    );
+    client.close();
+  });
+});

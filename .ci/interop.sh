@@ -684,6 +684,14 @@ if start_app ws-echo .ci/apps/ws_echo_app.ts; then
   WS="http://127.0.0.1:${PORT[ws-echo]}"
   echo "  $WS/ --app .ci/apps/ws_echo_app.ts (pid ${PID[ws-echo]})"
 fi
+# The same app with the WebSocket flags set low, to see them take effect.
+WS_LIMITED=""
+if start_app ws-limited .ci/apps/ws_echo_app.ts --ws-max-message 1000 \
+  --ws-idle-timeout 0.5 --no-compress; then
+  WS_LIMITED="http://127.0.0.1:${PORT[ws-limited]}"
+  echo "  $WS_LIMITED/ the same, with --ws-max-message 1000" \
+    "--ws-idle-timeout 0.5 --no-compress"
+fi
 # Hono is in deno's cache already, unless the "apps" section failed to fetch
 # it; then this says so once more, rather than a server timing out.
 HONO_WS=""
@@ -703,7 +711,8 @@ if [ -n "$WS" ] && have nginx nginx-light && ws_nginx_start; then
 fi
 ws_package
 if [ -n "$WS$HONO_WS" ]; then
-  ws_tests WS_URL="$WS" WS_HONO_URL="$HONO_WS" WS_NGINX_URL="$WS_NGINX"
+  ws_tests WS_URL="$WS" WS_HONO_URL="$HONO_WS" WS_NGINX_URL="$WS_NGINX" \
+    WS_LIMITED_URL="$WS_LIMITED"
 fi
 if [ -n "$WS" ]; then
   check "access log: one 101 line per upgrade" ws_logged ws-echo "$WS"
@@ -837,7 +846,7 @@ stop_server main || MAIN_RC=$?
 # The application servers that started, the same way.
 APPS=()
 declare -A APP_RC
-for name in stream hono-app hono-serve ws-echo hono-ws; do
+for name in stream hono-app hono-serve ws-echo ws-limited hono-ws; do
   [ -n "${PORT[$name]:-}" ] || continue
   APPS+=("$name")
   APP_RC[$name]=0
@@ -854,7 +863,8 @@ apps_shutdown() {
 # Anything on a server's stderr is an uncaught error or a warning.
 quiet_stderr() {
   local name
-  for name in main up1 up2 stream hono-app hono-serve ws-echo hono-ws; do
+  for name in main up1 up2 stream hono-app hono-serve ws-echo ws-limited \
+    hono-ws; do
     if [ -s "$WORK/$name.err" ]; then
       echo "$name.err:"
       head -n 20 "$WORK/$name.err"

@@ -24,7 +24,7 @@ ws_package() {
 # clients this machine has; one pass or fail per test (tap_results, lib.sh).
 # WS_CA, if given, is also the CA that Deno's client trusts (--cert).
 ws_tests() {
-  local variables=(WS_URL WS_SERVER WS_HONO_URL WS_NGINX_URL WS_NODE
+  local variables=(WS_URL WS_SERVER WS_HONO_URL WS_NGINX_URL WS_LIMITED_URL WS_NODE
     WS_PACKAGE_DIR WS_CHROMIUM WS_WORK WS_SPKI WS_CA)
   local node="" chromium="" cert=() arg rc=0
   command -v node >/dev/null && node=node

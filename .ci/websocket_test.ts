@@ -10,6 +10,8 @@
  *   `deno serve`, the reference, leaves them out;
  * - `WS_HONO_URL`: main.ts with `--app .ci/apps/hono_ws_app.ts`;
  * - `WS_NGINX_URL`: nginx proxying WebSockets to the echo app;
+ * - `WS_LIMITED_URL`: the echo app under main.ts with `--ws-max-message
+ *   1000 --ws-idle-timeout 0.5 --no-compress`;
  * - `WS_NODE`: the `node` command, for Node's own WebSocket and, with
  *   `WS_PACKAGE_DIR` (an `npm install --prefix` of `ws@8`), the ws package
  *   (.ci/ws_node_client.mjs);
@@ -52,6 +54,7 @@ const echoServer = serverUrl("WS_URL");
 const ours = env("WS_SERVER") === "main.ts";
 const honoServer = serverUrl("WS_HONO_URL");
 const nginxServer = serverUrl("WS_NGINX_URL");
+const limitedServer = serverUrl("WS_LIMITED_URL");
 const node = env("WS_NODE");
 const wsPackage = env("WS_PACKAGE_DIR");
 const chromium = env("WS_CHROMIUM");
@@ -634,6 +637,70 @@ withServer(
     assert.equal(result.echoed, 0, "echoes");
   },
   !ours || !node || !wsPackage,
+);
+
+withServer(
+  limitedServer,
+  "main.ts --ws-max-message 1000: 1,000 bytes echo, 1,001 close with 1009",
+  async (server) => {
+    const client = await Client.open(wsUrl(server, "/ws"));
+    await echo(client, [randomBytes(1000), "x".repeat(1000)]);
+    client.socket.send(randomBytes(1001));
+    const event = await within(client.closed, 15_000, "the close");
+    assert.equal(event.code, 1009);
+  },
+);
+
+/**
+ * A handshake by hand on a raw connection, so that nothing answers pings
+ * and the offer is ours to make.
+ * @returns The connection, and the 101's head as text.
+ */
+async function rawUpgrade(
+  server: URL,
+  fields: string,
+): Promise<{ conn: Deno.TcpConn; head: string }> {
+  const conn = await Deno.connect({
+    hostname: server.hostname,
+    port: Number(server.port),
+  });
+  const request = `GET /ws HTTP/1.1\r\nHost: ${server.host}\r\n` +
+    "Upgrade: websocket\r\nConnection: Upgrade\r\n" +
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" +
+    `Sec-WebSocket-Version: 13\r\n${fields}\r\n`;
+  await conn.write(encoder.encode(request));
+  const buffer = new Uint8Array(4096);
+  const count = await within(conn.read(buffer), 15_000, "the 101") ?? 0;
+  return { conn, head: new TextDecoder().decode(buffer.subarray(0, count)) };
+}
+
+withServer(
+  limitedServer,
+  "main.ts --no-compress and --ws-idle-timeout 0.5: no permessage-deflate, a ping, then a close for the silent",
+  async (server) => {
+    const { conn, head } = await rawUpgrade(
+      server,
+      "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    );
+    try {
+      assert.match(head, /^HTTP\/1\.1 101 /);
+      assert.doesNotMatch(head, /sec-websocket-extensions/i);
+      // Unanswered: a ping (opcode 9), then a close frame (opcode 8), then
+      // the end, each within a few idle timeouts.
+      const seen: number[] = [];
+      const buffer = new Uint8Array(256);
+      let count: number | null;
+      while ((count = await within(conn.read(buffer), 15_000, "frames"))) {
+        // Frames this small arrive whole; a read may hold several.
+        for (let at = 0; at < count; at += 2 + (buffer[at + 1] & 0x7f)) {
+          seen.push(buffer[at] & 0x0f);
+        }
+      }
+      assert.deepEqual(seen, [9, 8]);
+    } finally {
+      conn.close();
+    }
+  },
 );
 
 // ---------------------------------------------------------------------------

@@ -159,7 +159,12 @@ export interface ServeOptions {
   wsMaxMessage?: number;
   /** The bytes a WebSocket may queue for a client that reads nothing, before it is cut off. @default {16777216} */
   wsMaxBuffered?: number;
-  /** Compress: permessage-deflate for WebSockets, when the client offers it. @default {true} */
+  /**
+   * Compress: a handler's responses of compressible types, 1 KiB or more,
+   * in brotli or gzip as the client's Accept-Encoding prefers; WebSocket
+   * messages with permessage-deflate when the client offers it.
+   * @default {true}
+   */
   compression?: boolean;
   /** Let several listeners share the port (Linux; needs `--unstable-net`). @default {false} */
   reusePort?: boolean;
@@ -628,7 +633,8 @@ class Connection {
   session: WebSocketSession | null = null;
   /**
    * The last request's target and host, the target and host its URL was
-   * made of, that URL, then its fields' names and values: see recall().
+   * made of, that URL, its Accept-Encoding, then its fields' names and
+   * values: see recall().
    */
   readonly texts: string[] = [];
   /** Responses parsed from one read, written together, and where. */
@@ -1099,6 +1105,12 @@ export class RequestHead {
   expectContinue = false;
   /** An Upgrade field was sent (a WebSocket handshake, perhaps). */
   upgrade = false;
+  /** How many Accept-Encoding fields there were, and where the last's value is. */
+  acceptEncodings = 0;
+  /** Where the last Accept-Encoding field's value begins. */
+  acceptEncodingStart = 0;
+  /** Where it ends. */
+  acceptEncodingEnd = 0;
   /** How many Host fields there were. */
   hosts = 0;
   /** The size announced by the last chunk-size line parsed. */
@@ -1118,6 +1130,7 @@ export class RequestHead {
     this.otherCoding = this.codingOrder = false;
     this.close = this.keepAlive = this.expectContinue = false;
     this.upgrade = false;
+    this.acceptEncodings = 0;
   }
 }
 
@@ -1449,6 +1462,12 @@ function recordField(
     case 14:
       if (!nameIs(buf, nameStart, "content-length")) return 0;
       return recordContentLength(buf, valueStart, valueEnd, request);
+    case 15:
+      if (!nameIs(buf, nameStart, "accept-encoding")) return 0;
+      request.acceptEncodings++;
+      request.acceptEncodingStart = valueStart;
+      request.acceptEncodingEnd = valueEnd;
+      return 0;
     case 17:
       if (!nameIs(buf, nameStart, "transfer-encoding")) return 0;
       request.transferEncoding = true;
@@ -2206,6 +2225,8 @@ class Exchange implements ServeHandlerInfo {
   signal: AbortSignal | null = null;
   /** The WebSocket the handler accepted, if it called upgradeWebSocket(). */
   session: WebSocketSession | null = null;
+  /** The request's Accept-Encoding, if it has one. */
+  accepted: string | null = null;
   /** The response body's length, -1 when unknown, and the bytes sent. */
   length = -1;
   sent = 0;
@@ -2404,6 +2425,12 @@ function toRequest(
       return 400;
     }
   }
+  // Several fields are one list (RFC 9110 §5.3): Headers joins them.
+  if (head.acceptEncodings > 0) {
+    exchange.accepted = head.acceptEncodings > 1
+      ? request.headers.get("accept-encoding")
+      : recall(buf, head.acceptEncodingStart, head.acceptEncodingEnd, texts, 5);
+  }
   if (head.upgrade) {
     UPGRADES.set(request, {
       server,
@@ -2448,8 +2475,8 @@ function fieldPairs(
   const { fields, fieldCount } = head;
   for (let at = 0; at < 4 * fieldCount; at += 4) {
     list.push([
-      recall(buf, fields[at], fields[at + 1], texts, 5 + at / 2),
-      recall(buf, fields[at + 2], fields[at + 3], texts, 6 + at / 2),
+      recall(buf, fields[at], fields[at + 1], texts, 6 + at / 2),
+      recall(buf, fields[at + 2], fields[at + 3], texts, 7 + at / 2),
     ]);
   }
   return list;
@@ -2488,6 +2515,17 @@ class RequestRecord {
 }
 
 /**
+ * `HELLO_SERVER_FETCH_ONLY=1`, read only where `--allow-env` grants it: the
+ * runtime's internals below are left alone, and only the Fetch API is used,
+ * as on a Deno where the probes find nothing. CI runs the tests both ways.
+ */
+const FETCH_ONLY = (() => {
+  const variable = "HELLO_SERVER_FETCH_ONLY";
+  const { state } = Deno.permissions.querySync({ name: "env", variable });
+  return state === "granted" && Deno.env.get(variable) === "1";
+})();
+
+/**
  * `new Request(url, init)` parses the URL again, builds a record with an
  * accessor per member, validates every field anew — fields the parser has
  * checked byte by byte already (RFC 9110 §5.5) — and ties a signal of its
@@ -2499,6 +2537,7 @@ class RequestRecord {
  * made the same way; anywhere else, the Fetch API's way, only slower.
  */
 const REQUEST_SLOTS = (() => {
+  if (FETCH_ONLY) return null;
   try {
     const stream = new ReadableStream();
     const probe = new Request("http://localhost/", {
@@ -2794,12 +2833,21 @@ function allocate(size: number): Uint8Array {
   return bytes;
 }
 
+/** A response's content as send() finds it: see contentOf(), readAhead(). */
+type Content =
+  | string
+  | Uint8Array
+  | ReadableStream<Uint8Array>
+  | ReadAhead
+  | null;
+
 /**
  * Writes a handler's response: its status and fields as given, with the
  * framing the server owns (RFC 9112 §6.1–§6.3) — a handler's
  * `Content-Length`, `Transfer-Encoding` or `Keep-Alive` could otherwise
  * desynchronise the connection. Content of known length is sent with a
- * Content-Length, a stream chunked to HTTP/1.1 or until the close to 1.0.
+ * Content-Length, a stream chunked to HTTP/1.1 or until the close to 1.0;
+ * either compressed on the way when the client and the content allow it.
  * @returns Whether the connection stays open, or null when it is gone.
  */
 function send(
@@ -2811,19 +2859,105 @@ function send(
   line: string,
   began: number,
 ): boolean | null | Promise<boolean | null> {
+  const content = contentOf(response, exchange);
+  const { status } = response;
+  if (
+    content instanceof ReadableStream && exchange.length < 0 &&
+    status !== 204 && status !== 304
+  ) {
+    // A stream all of whose (few) bytes are there at once has a length.
+    return readAhead(content).then((ahead) =>
+      sendContent(
+        server,
+        connection,
+        response,
+        exchange,
+        ahead.done ? join(ahead.chunks, ahead.size) : ahead,
+        keepAlive,
+        line,
+        began,
+      )
+    );
+  }
+  return sendContent(
+    server,
+    connection,
+    response,
+    exchange,
+    content,
+    keepAlive,
+    line,
+    began,
+  );
+}
+
+/** send(), once the content is as known as it will be before it is sent. */
+function sendContent(
+  server: ServerState,
+  connection: Connection,
+  response: Response,
+  exchange: Exchange,
+  content: Content,
+  keepAlive: boolean,
+  line: string,
+  began: number,
+): boolean | null | Promise<boolean | null> {
   const { minor, method } = connection.request;
   const { status } = response;
   // RFC 9110 §6.4.1: no content after HEAD, 204 or 304 (§8.6: and no
   // Content-Length on a 204).
   const noContent = status === 204 || status === 304;
   const headOnly = noContent || method === "HEAD";
+  let length = content === null
+    ? 0
+    : typeof content === "string"
+    ? utf8Length(content)
+    : content instanceof Uint8Array
+    ? content.length
+    : exchange.length;
+  let coding = noContent
+    ? null
+    : codingFor(server, exchange.accepted, response, length);
+  if (coding && !zlib) {
+    // The scratch buffer of textBody() may be another's by then.
+    const kept = content instanceof Uint8Array ? content.slice() : content;
+    return loadZlib().then(() =>
+      sendContent(
+        server,
+        connection,
+        response,
+        exchange,
+        kept,
+        keepAlive,
+        line,
+        began,
+      )
+    );
+  }
+  if (coding && !headOnly && length >= 0) {
+    // Known content: compressed whole, and sent only if that shrank it.
+    const bytes = typeof content === "string"
+      ? encoder.encode(content)
+      : content as Uint8Array;
+    const compressed = compressWhole(bytes, coding);
+    if (compressed.length < bytes.length) {
+      content = compressed;
+      length = compressed.length;
+    } else {
+      coding = null;
+    }
+  } else if (coding) {
+    length = -1; // a stream, or HEAD: the compressed length is not known
+  }
   let head = `HTTP/1.1 ${status} ${
     response.statusText || REASONS[status] || ""
   }\r\n`;
   let dated = false;
   let declared = "";
   let upgrade = 0;
-  for (const [name, value] of fieldsOf(response)) {
+  let varied = false;
+  for (const [name, field] of fieldsOf(response)) {
+    let value = field;
     switch (name.toLowerCase()) {
       case "connection":
         if (/(^|,)[ \t]*close[ \t]*(,|$)/i.test(value)) keepAlive = false;
@@ -2839,25 +2973,32 @@ function send(
         continue;
       case "date":
         dated = true;
+        break;
+      case "etag":
+        // §8.8.3.3: the compressed bytes are not the ones a strong tag names.
+        if (coding && value.startsWith('"')) value = `W/${value}`;
+        break;
+      case "vary":
+        varied = coding !== null;
+        if (coding && !/(^|,)\s*(accept-encoding|\*)\s*(,|$)/i.test(value)) {
+          value += ", Accept-Encoding";
+        }
     }
     head += `${name}: ${value}\r\n`;
   }
   if (!dated) head += `Date: ${httpDate(server.now)}\r\n`;
-  let content = contentOf(response, exchange);
+  if (coding) {
+    head += `Content-Encoding: ${coding}\r\n`;
+    if (!varied) head += "Vary: Accept-Encoding\r\n";
+  }
   // A stream of unknown length goes by the handler's Content-Length when it
   // gives one; pipe() holds the stream to it, and closes if it is wrong.
-  if (content instanceof ReadableStream && exchange.length < 0) {
-    if (/^\d{1,15}$/.test(declared)) exchange.length = Number(declared);
+  const streamed = content instanceof ReadableStream || isReadAhead(content);
+  if (streamed && length < 0 && !coding && /^\d{1,15}$/.test(declared)) {
+    length = exchange.length = Number(declared);
   }
-  const length = content === null
-    ? 0
-    : typeof content === "string"
-    ? utf8Length(content)
-    : content instanceof Uint8Array
-    ? content.length
-    : exchange.length;
-  if (headOnly && content instanceof ReadableStream) {
-    content.cancel().catch(() => {});
+  if (headOnly && streamed) {
+    cancel(content as ReadableStream<Uint8Array> | ReadAhead);
     content = EMPTY;
   }
   if (noContent) {
@@ -2866,7 +3007,9 @@ function send(
     head += `Content-Length: ${length}\r\n`;
   } else if (headOnly) {
     // A HEAD answer may say what a GET would carry (RFC 9110 §9.3.2).
-    if (/^\d+$/.test(declared)) head += `Content-Length: ${declared}\r\n`;
+    if (!coding && /^\d+$/.test(declared)) {
+      head += `Content-Length: ${declared}\r\n`;
+    }
   } else if (minor >= 1) {
     head += "Transfer-Encoding: chunked\r\n";
   } else {
@@ -2874,17 +3017,30 @@ function send(
   }
   const persistence = persistenceOf(keepAlive, minor);
   head += server.endOfHead[upgrade + persistence];
-  if (content instanceof ReadableStream) {
+  if (streamed && content !== EMPTY) {
     // A stream may take its time: watch for the client to hang up meanwhile.
     if (!exchange.reader || exchange.reader.done) watch(server, connection);
     queue(connection, joinBytes(head, EMPTY));
-    const chunked = exchange.length < 0 && minor >= 1;
-    return sendStream(server, connection, content, exchange, chunked, keepAlive)
-      .finally(() =>
-        server.log?.write(connection, line, status, exchange.sent, began)
-      );
+    const ahead = content instanceof ReadableStream
+      ? aheadOf(content)
+      : content as ReadAhead;
+    const chunked = length < 0 && minor >= 1;
+    exchange.length = length;
+    return sendStream(
+      server,
+      connection,
+      ahead,
+      exchange,
+      chunked,
+      coding,
+      keepAlive,
+    ).finally(() =>
+      server.log?.write(connection, line, status, exchange.sent, began)
+    );
   }
-  const body = headOnly || content === null ? EMPTY : content;
+  const body = headOnly || content === null ? EMPTY : content as
+    | string
+    | Uint8Array;
   exchange.sent = body === EMPTY ? 0 : length;
   queue(connection, joinBytes(head, body, exchange.sent));
   server.log?.write(connection, line, status, exchange.sent, began);
@@ -2899,13 +3055,14 @@ function send(
 async function sendStream(
   server: ServerState,
   connection: Connection,
-  content: ReadableStream<Uint8Array>,
+  content: ReadAhead,
   exchange: Exchange,
   chunked: boolean,
+  coding: Coding | null,
   keepAlive: boolean,
 ): Promise<boolean | null> {
   try {
-    await pipe(server, connection, content, exchange, chunked);
+    await pipe(server, connection, content, exchange, chunked, coding);
   } catch (error) {
     if (!exchange.signal?.aborted) {
       console.error(`error: the response body failed: ${firstLine(error)}`);
@@ -2939,28 +3096,141 @@ async function settleCompleted(
   return keepAlive;
 }
 
+/**
+ * A stream's first chunks, read while each came at once, and the reader of
+ * the rest: a body whose bytes are all there (a string's or a buffer's,
+ * where the runtime's internals do not say so) gets a Content-Length, and
+ * a handler's wrong one is not believed.
+ */
+interface ReadAhead {
+  reader: ReadableStreamDefaultReader<Uint8Array>;
+  chunks: Uint8Array[];
+  size: number;
+  /** The stream ended within the chunks: they are all of it. */
+  done: boolean;
+  /** The read under way when one did not come at once. */
+  next: Promise<ReadableStreamReadResult<Uint8Array>> | null;
+  /** Why the stream failed while it was read ahead. */
+  error?: unknown;
+}
+
+/** The most read ahead of a stream before its head is written. */
+const MAX_READ_AHEAD = 64 * 1024;
+
+/**
+ * Settles after the reads that can settle at once have (see readAhead()): a
+ * read of a chunk already queued, or of a closed stream, settles in a tick;
+ * a Blob's or a FormData's in a few more. One that takes longer waits for
+ * its source: an event, a file, the network.
+ */
+async function readsSettled(): Promise<null> {
+  for (let tick = 0; tick < READ_AHEAD_TICKS; tick++) await SETTLED;
+  return null;
+}
+
+/** How many turns of the microtask queue a read may take to count as at once. */
+const READ_AHEAD_TICKS = 16;
+
+async function readAhead(
+  stream: ReadableStream<Uint8Array>,
+): Promise<ReadAhead> {
+  const ahead = aheadOf(stream);
+  try {
+    while (ahead.size <= MAX_READ_AHEAD) {
+      const next = ahead.reader.read();
+      const result = await Promise.race([next, readsSettled()]);
+      if (result === null) {
+        // Awaited by pipe(), unless the content is dropped: never unhandled.
+        next.catch(() => {});
+        ahead.next = next;
+        break;
+      }
+      if (result.done) {
+        ahead.done = true;
+        break;
+      }
+      ahead.chunks.push(chunkOf(result.value));
+      ahead.size += result.value.length;
+    }
+  } catch (error) {
+    ahead.error = error;
+  }
+  return ahead;
+}
+
+function isReadAhead(content: Content): content is ReadAhead {
+  return content !== null && typeof content === "object" &&
+    "reader" in content;
+}
+
+function aheadOf(stream: ReadableStream<Uint8Array>): ReadAhead {
+  return {
+    reader: stream.getReader(),
+    chunks: [],
+    size: 0,
+    done: false,
+    next: null,
+  };
+}
+
+function cancel(content: ReadableStream<Uint8Array> | ReadAhead): void {
+  const reader = content instanceof ReadableStream ? content : content.reader;
+  reader.cancel().catch(() => {});
+}
+
+/** A chunk of a response body, which the Fetch API wants as bytes. */
+function chunkOf(value: unknown): Uint8Array {
+  if (!(value instanceof Uint8Array)) {
+    throw new TypeError("a response body chunk is not a Uint8Array");
+  }
+  return value;
+}
+
 const CRLF = encoder.encode("\r\n");
 const LAST_CHUNK = encoder.encode("0\r\n\r\n");
 
 /**
  * Sends a response stream as it yields: each chunk is written before the
  * next is asked for, so the stream is pulled no faster than the client
- * reads, and a stalled write is cut by the body timeout. A client that
- * hangs up cancels the stream.
+ * reads, and a stalled write is cut by the body timeout; compressed, each
+ * chunk is flushed through the compressor, so that none waits in it. A
+ * client that hangs up cancels the stream.
  */
 async function pipe(
   server: ServerState,
   connection: Connection,
-  stream: ReadableStream<Uint8Array>,
+  ahead: ReadAhead,
   exchange: Exchange,
   chunked: boolean,
+  coding: Coding | null,
 ): Promise<void> {
-  const reader = stream.getReader();
+  const { reader } = ahead;
   const stop = () => reader.cancel().catch(() => {});
   const signal = exchange.signal!;
   signal.addEventListener("abort", stop, { once: true });
   connection.responding = true;
+  const compressor = coding && new ChunkCompressor(coding);
+  const send = (bytes: Uint8Array) => {
+    if (bytes.length === 0) return;
+    if (
+      exchange.length >= 0 && exchange.sent + bytes.length > exchange.length
+    ) {
+      throw new Error("the response body is longer than announced");
+    }
+    if (chunked) {
+      queue(connection, encoder.encode(`${bytes.length.toString(16)}\r\n`));
+    }
+    queue(connection, bytes);
+    if (chunked) queue(connection, CRLF);
+    exchange.sent += bytes.length;
+  };
   try {
+    if (ahead.size > 0) {
+      const first = join(ahead.chunks, ahead.size);
+      send(compressor ? await compressor.push(first) : first);
+    }
+    if (ahead.error !== undefined) throw ahead.error;
+    let next = ahead.next;
     while (true) {
       await flush(server, connection).catch((error) => {
         // The client went away: its business, not an error of ours.
@@ -2969,25 +3239,14 @@ async function pipe(
       });
       connection.state = BUSY;
       connection.deadline = Infinity;
-      const { done, value } = await reader.read();
+      const { done, value } = await (next ?? reader.read());
+      next = null;
       if (signal.aborted) throw new Error("the client went away");
       if (done) break;
-      if (!(value instanceof Uint8Array)) {
-        throw new TypeError("a response body chunk is not a Uint8Array");
-      }
-      if (value.length === 0) continue;
-      if (
-        exchange.length >= 0 && exchange.sent + value.length > exchange.length
-      ) {
-        throw new Error("the response body is longer than announced");
-      }
-      if (chunked) {
-        queue(connection, encoder.encode(`${value.length.toString(16)}\r\n`));
-      }
-      queue(connection, value);
-      if (chunked) queue(connection, CRLF);
-      exchange.sent += value.length;
+      const chunk = chunkOf(value);
+      send(compressor && chunk.length ? await compressor.push(chunk) : chunk);
     }
+    if (compressor) send(await compressor.end());
     if (exchange.length >= 0 && exchange.sent !== exchange.length) {
       throw new Error("the response body is shorter than announced");
     }
@@ -2996,11 +3255,197 @@ async function pipe(
     await reader.cancel(error).catch(() => {});
     throw error;
   } finally {
+    compressor?.close();
     connection.responding = false;
     signal.removeEventListener("abort", stop);
     if ((connection.batch?.length ?? 0) > MAX_KEPT_BATCH) {
       connection.batch = null;
     }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Compression (RFC 9110 §8.4): a transform of the body on its way out
+// ---------------------------------------------------------------------------
+
+/** The content codings the server compresses with, in its preference. */
+type Coding = "br" | "gzip";
+
+/** Brotli first: smaller than gzip at the settings below, for as much CPU. */
+const CODINGS: readonly Coding[] = ["br", "gzip"];
+
+/**
+ * Content shorter than this goes as it is, a WebSocket message too: under
+ * a packet's worth, compressing saves no round trip and costs CPU.
+ */
+const COMPRESS_FROM = 1024;
+
+/**
+ * Compression settings for bytes compressed as they are sent: nginx-like
+ * gzip level 6 (zlib's default), and brotli quality 4 — 11, brotli's
+ * default, takes ten times the CPU for a few per cent.
+ */
+const GZIP_LEVEL = 6;
+const BROTLI_QUALITY = 4;
+
+/**
+ * The content coding to compress a response with (RFC 9110 §8.4), or null:
+ * when compression is on, the client accepts a coding (`accepted` is its
+ * Accept-Encoding), and the content is worth it — a compressible type, not
+ * coded already, not a part of a range, not marked no-transform (§7.7),
+ * and not known to be short.
+ */
+function codingFor(
+  server: ServerState,
+  accepted: string | null,
+  response: Response,
+  length: number,
+): Coding | null {
+  if (!server.compression || accepted === null) return null;
+  if (length >= 0 && length < COMPRESS_FROM) return null;
+  const { headers, status } = response;
+  if (
+    status === 206 || headers.has("content-encoding") ||
+    headers.has("content-range") ||
+    !isCompressible(headers.get("content-type")) ||
+    /(^|,)\s*no-transform\s*(,|$)/i.test(headers.get("cache-control") ?? "")
+  ) return null;
+  return preferredCoding(accepted, CODINGS);
+}
+
+/**
+ * The coding a client prefers among `available` (RFC 9110 §12.5.3): the
+ * highest weight, the earlier of `available` at equal weights; `*` stands
+ * for any coding not named, and a weight of 0 refuses. Without the field,
+ * or with nothing acceptable, null: identity, which §12.5.3 allows (and
+ * nginx does without the field).
+ */
+function preferredCoding(
+  header: string | null,
+  available: readonly Coding[],
+): Coding | null {
+  if (!header) return null;
+  const weights = new Map<string, number>();
+  for (const item of header.split(",")) {
+    const [token, ...parameters] = item.split(";");
+    let name = token.trim().toLowerCase();
+    if (name === "x-gzip") name = "gzip"; // RFC 9110 §8.4.1.3
+    let weight = 1;
+    for (const parameter of parameters) {
+      const q = /^\s*q\s*=\s*([01](?:\.\d{0,3})?)\s*$/i.exec(parameter);
+      if (q) weight = Math.min(1, Number(q[1]));
+    }
+    if (name && !weights.has(name)) weights.set(name, weight);
+  }
+  let best: Coding | null = null;
+  let bestWeight = 0;
+  for (const coding of available) {
+    const weight = weights.get(coding) ?? weights.get("*") ?? 0;
+    if (weight > bestWeight) {
+      best = coding;
+      bestWeight = weight;
+    }
+  }
+  return best;
+}
+
+/**
+ * Media types worth compressing: text, and the formats that are text or
+ * compress like it (JSON, XML and their `+json`/`+xml` kin, JavaScript,
+ * WebAssembly, SVG, uncompressed fonts and images). The files' types
+ * (FILE_TYPES) are judged by the same rule as a handler's.
+ */
+function isCompressible(contentType: string | null): boolean {
+  if (contentType === null) return false;
+  const type = contentType.split(";", 1)[0].trim().toLowerCase();
+  return type.startsWith("text/") || type.endsWith("+json") ||
+    type.endsWith("+xml") || COMPRESSIBLE_TYPES.has(type);
+}
+
+const COMPRESSIBLE_TYPES = new Set([
+  "application/json",
+  "application/javascript",
+  "application/xml",
+  "application/yaml",
+  "application/wasm",
+  "application/x-ndjson",
+  "font/ttf",
+  "font/otf",
+  "image/bmp",
+  "image/vnd.microsoft.icon",
+]);
+
+/** Bytes compressed whole, in one go. */
+function compressWhole(bytes: Uint8Array, coding: Coding): Uint8Array {
+  const out = coding === "br"
+    ? zlib!.brotliCompressSync(bytes, {
+      params: {
+        [zlib!.constants.BROTLI_PARAM_QUALITY]: BROTLI_QUALITY,
+        [zlib!.constants.BROTLI_PARAM_SIZE_HINT]: bytes.length,
+      },
+    })
+    : zlib!.gzipSync(bytes, { level: GZIP_LEVEL });
+  return new Uint8Array(out.buffer, out.byteOffset, out.length);
+}
+
+/**
+ * A compressor for a stream, chunk by chunk: each chunk's bytes come out
+ * flushed, so that what the client has decodes to all that was sent (a
+ * Server-Sent Event is not held back in the compressor's window).
+ */
+class ChunkCompressor {
+  #stream: ReturnType<Zlib["createGzip"] | Zlib["createBrotliCompress"]>;
+  #flushKind: number;
+  #out: Uint8Array[] = [];
+  #size = 0;
+  #ended: Promise<void>;
+
+  constructor(coding: Coding) {
+    const z = zlib!;
+    this.#stream = coding === "br"
+      ? z.createBrotliCompress({
+        params: { [z.constants.BROTLI_PARAM_QUALITY]: BROTLI_QUALITY },
+      })
+      : z.createGzip({ level: GZIP_LEVEL });
+    this.#flushKind = coding === "br"
+      ? z.constants.BROTLI_OPERATION_FLUSH
+      : z.constants.Z_SYNC_FLUSH;
+    this.#stream.on("data", (chunk: Uint8Array) => {
+      this.#out.push(chunk);
+      this.#size += chunk.length;
+    });
+    this.#ended = new Promise((resolve, reject) => {
+      this.#stream.once("end", resolve);
+      this.#stream.once("error", reject);
+    });
+    this.#ended.catch(() => {});
+  }
+
+  /** The compressed bytes of `chunk`, flushed. */
+  async push(chunk: Uint8Array): Promise<Uint8Array> {
+    this.#stream.write(chunk);
+    await new Promise<void>((resolve) =>
+      this.#stream.flush(this.#flushKind, () => resolve())
+    );
+    return this.#take();
+  }
+
+  /** The last bytes: the end of the compressed stream. */
+  async end(): Promise<Uint8Array> {
+    this.#stream.end();
+    await this.#ended;
+    return this.#take();
+  }
+
+  close(): void {
+    this.#stream.destroy();
+  }
+
+  #take(): Uint8Array {
+    const bytes = join(this.#out, this.#size);
+    this.#out = [];
+    this.#size = 0;
+    return bytes;
   }
 }
 
@@ -3044,6 +3489,7 @@ function utf8Length(text: string): number {
 
 /** Where Deno keeps a body it holds whole, found once on a probe. */
 const BODY_SLOTS = (() => {
+  if (FETCH_ONLY) return { lazy: undefined, inner: undefined };
   const symbols = Object.getOwnPropertySymbols(new Response(""));
   const named = (name: string) =>
     symbols.find((symbol) => symbol.description === name);
@@ -3726,7 +4172,7 @@ async function serveFile(
 /** The precompressed variant chosen for a request, if any. */
 interface FileVariant {
   entry: FileEntry | null;
-  coding: "br" | "gzip" | null;
+  coding: Coding | null;
   /** A variant exists, so the answer depends on Accept-Encoding. */
   vary: boolean;
 }
@@ -3751,37 +4197,12 @@ async function chooseVariant(
   ]);
   const hasBr = br.kind === "file" && isServable(br, dotfiles);
   const hasGz = gz.kind === "file" && isServable(gz, dotfiles);
-  const accepted = request.headers.get("accept-encoding");
-  if (hasBr && acceptsCoding(accepted, "br")) {
-    return { entry: br, coding: "br", vary: true };
-  }
-  if (hasGz && acceptsCoding(accepted, "gzip")) {
-    return { entry: gz, coding: "gzip", vary: true };
-  }
+  const coding = preferredCoding(
+    request.headers.get("accept-encoding"),
+    CODINGS.filter((coding) => coding === "br" ? hasBr : hasGz),
+  );
+  if (coding) return { entry: coding === "br" ? br : gz, coding, vary: true };
   return { entry: null, coding: null, vary: hasBr || hasGz };
-}
-
-/**
- * Whether Accept-Encoding (RFC 9110 §12.5.3) allows a coding: named, or
- * matched by `*`, with a weight above 0. Without the field, only identity
- * is sent, as nginx does.
- */
-function acceptsCoding(header: string | null, coding: string): boolean {
-  if (header === null) return false;
-  let wildcard = false;
-  for (const item of header.split(",")) {
-    const [token, ...parameters] = item.split(";");
-    let name = token.trim().toLowerCase();
-    if (name === "x-gzip") name = "gzip"; // RFC 9110 §8.4.1.3
-    let weight = 1;
-    for (const parameter of parameters) {
-      const q = /^\s*q\s*=\s*([0-9.]+)\s*$/i.exec(parameter);
-      if (q) weight = Number(q[1]);
-    }
-    if (name === coding) return weight > 0;
-    if (name === "*") wildcard = weight > 0;
-  }
-  return wildcard;
 }
 
 /** Builds the answer for an opened file; a stream takes over its file. */
@@ -4675,8 +5096,6 @@ function loadZlib(): Promise<Zlib> {
   return zlibLoading ??= import("node:zlib").then((module) => zlib = module);
 }
 
-/** Messages shorter than this are sent as they are: compressing saves little. */
-const COMPRESS_FROM = 1024;
 /** What a sync flush ends with, and a sender leaves off (RFC 7692 §7.2.1). */
 const DEFLATE_TAIL = new Uint8Array([0x00, 0x00, 0xff, 0xff]);
 
@@ -5128,6 +5547,7 @@ function spare(batch: Uint8Array): void {
 
 /** Parts, one after another, in one array of `size` bytes. */
 function join(parts: Uint8Array[], size: number): Uint8Array {
+  if (parts.length === 1) return parts[0];
   const joined = new Uint8Array(size);
   let offset = 0;
   for (const part of parts) {
@@ -6192,7 +6612,9 @@ Flags (seconds may have fractions):
   --ws-max-message BYTES   close 1009 past this message size (default 1048576)
   --ws-max-buffered BYTES  cut a WebSocket client that reads nothing once this
                            much is queued for it (default 16777216)
-  --no-compress            no permessage-deflate
+  --no-compress            compress no response (default: brotli or gzip for
+                           text, JSON, JS, XML, SVG, Wasm of 1 KiB or more)
+                           and no WebSocket message
   --sleep-delay S          how long GET /sleep sleeps (default 5)
   --version                print the version
   --help                   print this help
@@ -6255,7 +6677,7 @@ async function main(args: string[] = Deno.args): Promise<void> {
     Deno.exit(2);
   }
   if (settings.help) return printUsage();
-  if (settings.version) return console.log(`hello-server ${VERSION}`);
+  if (settings.version) return console.log(versionLine());
   const options: AppInit = { ...settings, accessLog: !settings.quiet };
   // What the user must fix is found before anything listens.
   Object.assign(options, readCertificate(settings));
@@ -6296,6 +6718,20 @@ async function main(args: string[] = Deno.args): Promise<void> {
   writeStdout(encoder.encode("Shutting down.\n"));
   await drainStdout(timeout);
   Deno.exit(0);
+}
+
+/**
+ * The version, the runtime's, and which of its internals the probes found:
+ * what a handler's requests and responses cost depends on them.
+ */
+function versionLine(): string {
+  const found = [
+    REQUEST_SLOTS && "bare requests",
+    BODY_SLOTS.lazy && "static response bodies",
+    BODY_SLOTS.inner && "response records",
+  ].filter(Boolean);
+  return `hello-server ${VERSION} (Deno ${Deno.version.deno}; runtime ` +
+    `internals: ${found.length ? found.join(", ") : "none, Fetch API only"})`;
 }
 
 async function serveHere(

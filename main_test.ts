@@ -8,8 +8,10 @@
  */
 import assert from "node:assert/strict";
 import {
+  brotliDecompressSync,
   constants as zlibConstants,
   deflateRawSync,
+  gunzipSync,
   inflateRawSync,
 } from "node:zlib";
 import {
@@ -2284,9 +2286,13 @@ Deno.test("serve() sends each chunk of a streamed body as the stream yields it",
 
 Deno.test("serve() sends a streamed body to HTTP/1.0 delimited by the close", async () => {
   await withHandler({}, () => {
+    // Its end is not there at once: its length is not known.
     const body = new ReadableStream<Uint8Array>({
       start(controller) {
         controller.enqueue(encoder.encode("one, "));
+      },
+      async pull(controller) {
+        await delay(10);
         controller.enqueue(encoder.encode("two"));
         controller.close();
       },
@@ -6207,5 +6213,330 @@ Deno.test("serve() answers hundreds of mutated WebSocket frame sequences with we
       "after the fuzz",
     );
     client.close();
+  });
+});
+
+// ---------------------------------------------------------------------------
+// Compression on the fly (RFC 9110 §8.4, §12.5.3)
+// ---------------------------------------------------------------------------
+
+/** JSON of about 20 KiB: what a compressing server is for. */
+const BIG_JSON = JSON.stringify(
+  Array.from(
+    { length: 250 },
+    (_, id) => ({ id, name: `item ${id}`, ok: true }),
+  ),
+);
+
+/** A response's body decoded from its Content-Encoding. */
+function decoded(reply: Reply): string {
+  const coding = reply.headers.get("content-encoding");
+  const bytes = coding === "gzip"
+    ? gunzipSync(reply.body)
+    : coding === "br"
+    ? brotliDecompressSync(reply.body)
+    : reply.body;
+  return decoder.decode(bytes);
+}
+
+/** GETs `path` with these Accept-Encoding values (null: none) in turn. */
+async function askEncoded(
+  server: Server,
+  path: string,
+  accepts: (string | null)[],
+  method = "GET",
+): Promise<Reply[]> {
+  const client = await Client.open(server);
+  try {
+    await client.send(
+      accepts.map((accept) =>
+        `${method} ${path} HTTP/1.1\r\nHost: x\r\n` +
+        (accept === null ? "" : `Accept-Encoding: ${accept}\r\n`) + "\r\n"
+      ).join(""),
+    );
+    const replies: Reply[] = [];
+    for (const _ of accepts) {
+      replies.push((await client.response({ head: method === "HEAD" }))!);
+    }
+    return replies;
+  } finally {
+    client.close();
+  }
+}
+
+Deno.test("serve() compresses a large JSON response as the client's Accept-Encoding prefers", async () => {
+  await withHandler(
+    {},
+    () => Response.json(JSON.parse(BIG_JSON)),
+    async (server) => {
+      const cases: [string | null, string | null][] = [
+        ["gzip", "gzip"],
+        ["gzip, deflate, br", "br"],
+        ["br;q=0.5, gzip", "gzip"],
+        ["gzip;q=0.8, br;q=0.9", "br"],
+        ["x-gzip", "gzip"],
+        ["*", "br"],
+        ["*;q=0, gzip", "gzip"],
+        ["*, br;q=0", "gzip"],
+        ["gzip;q=0, br;q=0", null],
+        ["identity;q=0", null],
+        ["deflate", null],
+        ["", null],
+        [null, null],
+      ];
+      const replies = await askEncoded(
+        server,
+        "/",
+        cases.map(([accept]) => accept),
+      );
+      for (const [i, [accept, coding]] of cases.entries()) {
+        const reply = replies[i];
+        assert.equal(reply.status, 200, `${accept}`);
+        assert.equal(
+          reply.headers.get("content-encoding"),
+          coding ?? undefined,
+          `${accept}`,
+        );
+        assert.equal(
+          decoded(reply),
+          BIG_JSON,
+          `${accept}: the bytes decode to the original`,
+        );
+        assert.equal(
+          reply.headers.get("content-length"),
+          String(reply.body.length),
+        );
+        if (coding) {
+          assert.equal(reply.headers.get("vary"), "Accept-Encoding");
+          assert.ok(
+            reply.body.length * 3 < BIG_JSON.length,
+            `${coding}: at least 3x smaller`,
+          );
+        } else {
+          assert.equal(reply.headers.get("vary"), undefined, `${accept}`);
+        }
+      }
+    },
+  );
+});
+
+Deno.test("serve() leaves alone what compression would not help or must not touch", async () => {
+  const big = "x".repeat(4096);
+  const responses: Record<string, () => Response> = {
+    // Compressible, but under 1 KiB: not worth a client's decoding.
+    "/short": () => new Response("a".repeat(1000)),
+    "/image": () =>
+      new Response(big, { headers: { "content-type": "image/png" } }),
+    "/untyped": () => new Response(encoder.encode(big)),
+    "/coded": () =>
+      new Response(big, {
+        headers: {
+          "content-type": "text/plain",
+          "content-encoding": "identity",
+        },
+      }),
+    "/no-transform": () =>
+      new Response(big, {
+        headers: {
+          "content-type": "text/plain",
+          "cache-control": "public, no-transform",
+        },
+      }),
+    "/partial": () =>
+      new Response(big.slice(0, 2000), {
+        status: 206,
+        headers: {
+          "content-type": "text/plain",
+          "content-range": "bytes 0-1999/4096",
+        },
+      }),
+    "/empty": () => new Response(null, { status: 204 }),
+  };
+  await withHandler(
+    {},
+    (request) => responses[pathOf(request)](),
+    async (server) => {
+      for (const path of Object.keys(responses)) {
+        const [reply] = await askEncoded(server, path, ["gzip, br"]);
+        assert.equal(
+          reply.headers.get("content-encoding"),
+          path === "/coded" ? "identity" : undefined,
+          path,
+        );
+        assert.equal(reply.headers.get("vary"), undefined, path);
+        const expected = await responses[path]().arrayBuffer();
+        assert.deepEqual(reply.body, new Uint8Array(expected), path);
+      }
+    },
+  );
+  await withHandler(
+    { compression: false },
+    () => Response.json(JSON.parse(BIG_JSON)),
+    async (server) => {
+      const [reply] = await askEncoded(server, "/", ["gzip, br"]);
+      assert.equal(
+        reply.headers.get("content-encoding"),
+        undefined,
+        "compression: false",
+      );
+      assert.equal(reply.text, BIG_JSON);
+    },
+  );
+});
+
+Deno.test("serve() weakens a strong ETag, adds to Vary, and answers HEAD with the same fields", async () => {
+  await withHandler(
+    {},
+    (request) =>
+      new Response(pathOf(request) === "/star" ? BIG_JSON : BIG_JSON, {
+        headers: {
+          "content-type": "application/json",
+          etag: '"v1"',
+          vary: pathOf(request) === "/star" ? "*" : "Origin",
+        },
+      }),
+    async (server) => {
+      const [get] = await askEncoded(server, "/", ["gzip"]);
+      assert.equal(get.headers.get("etag"), 'W/"v1"');
+      assert.equal(get.headers.get("vary"), "Origin, Accept-Encoding");
+      const [star] = await askEncoded(server, "/star", ["gzip"]);
+      assert.equal(star.headers.get("vary"), "*");
+      const [head] = await askEncoded(server, "/", ["gzip"], "HEAD");
+      assert.equal(head.body.length, 0);
+      for (const name of ["content-encoding", "vary", "etag", "content-type"]) {
+        assert.equal(
+          head.headers.get(name),
+          get.headers.get(name),
+          `HEAD's ${name}`,
+        );
+      }
+      const [plain] = await askEncoded(server, "/", [null]);
+      assert.equal(
+        plain.headers.get("etag"),
+        '"v1"',
+        "identity keeps the strong tag",
+      );
+    },
+  );
+});
+
+Deno.test("serve() compresses a stream chunk by chunk, each event decodable before the next is made", async () => {
+  const steps = Array.from({ length: 3 }, () => Promise.withResolvers<void>());
+  await withHandler({}, () => {
+    let sent = 0;
+    return new Response(
+      new ReadableStream<Uint8Array>({
+        async pull(controller) {
+          if (sent === steps.length) return controller.close();
+          if (sent > 0) await steps[sent - 1].promise;
+          controller.enqueue(
+            encoder.encode(`data: event ${sent++} ${"-".repeat(2000)}\n\n`),
+          );
+        },
+      }),
+      { headers: { "content-type": "text/event-stream" } },
+    );
+  }, async (server) => {
+    for (const coding of ["gzip", "br"]) {
+      const client = await Client.open(server);
+      try {
+        await client.send(
+          `GET /events HTTP/1.1\r\nHost: x\r\nAccept-Encoding: ${coding}\r\n\r\n`,
+        );
+        const head = await client.head();
+        assert.equal(head?.headers.get("content-encoding"), coding);
+        assert.equal(head.headers.get("transfer-encoding"), "chunked");
+        const received: Uint8Array[] = [];
+        for (let i = 0; i < steps.length; i++) {
+          received.push((await client.chunk())!);
+          // Everything sent so far decodes, with no more to come yet.
+          const partial = concat(received);
+          const text = decoder.decode(
+            coding === "gzip"
+              ? gunzipSync(partial, { finishFlush: zlibConstants.Z_SYNC_FLUSH })
+              : brotliDecompressSync(partial, {
+                finishFlush: zlibConstants.BROTLI_OPERATION_FLUSH,
+              }),
+          );
+          assert.ok(
+            text.endsWith(`event ${i} ${"-".repeat(2000)}\n\n`),
+            `${coding}: event ${i} whole`,
+          );
+          steps[i].resolve();
+        }
+        let chunk: Uint8Array | null;
+        while ((chunk = await client.chunk())) received.push(chunk);
+        const whole = coding === "gzip"
+          ? gunzipSync(concat(received))
+          : brotliDecompressSync(concat(received));
+        assert.equal(
+          decoder.decode(whole).split("\n\n").length,
+          steps.length + 1,
+        );
+      } finally {
+        client.close();
+      }
+      for (let i = 0; i < steps.length; i++) {
+        steps[i] = Promise.withResolvers<void>();
+      }
+    }
+  });
+});
+
+Deno.test(
+  "serve() compresses the files of a folder, unless a precompressed one or a range is asked for",
+  FILES,
+  async () => {
+    const script = "console.log('compress me');\n".repeat(200);
+    await using site = await fixture({
+      "site/app.js": script,
+      "site/style.css": "body { color: red; }\n".repeat(100),
+      "site/style.css.gz": "GZIP",
+      "site/photo.png": "x".repeat(5000),
+    });
+    await withFiles({ root: site.root }, async (server) => {
+      const [js, css, png] = [
+        ...(await askEncoded(server, "/app.js", ["br, gzip"])),
+        ...(await askEncoded(server, "/style.css", ["br, gzip"])),
+        ...(await askEncoded(server, "/photo.png", ["br, gzip"])),
+      ];
+      assert.equal(js.headers.get("content-encoding"), "br");
+      assert.equal(decoded(js), script);
+      assert.match(js.headers.get("etag") ?? "", /^W\//);
+      assert.equal(css.headers.get("content-encoding"), "gzip");
+      assert.equal(css.text, "GZIP", "the precompressed file wins");
+      assert.equal(png.headers.get("content-encoding"), undefined);
+      const client = await Client.open(server);
+      try {
+        await client.send(
+          "GET /app.js HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nRange: bytes=0-9\r\n\r\n",
+        );
+        const range = await client.response();
+        assert.equal(range?.status, 206);
+        assert.equal(range.headers.get("content-encoding"), undefined);
+        assert.equal(range.text, script.slice(0, 10));
+      } finally {
+        client.close();
+      }
+    });
+  },
+);
+
+Deno.test("serve() sends a length for a stream whose bytes are all there, and believes no wrong one", async () => {
+  await withHandler({}, () =>
+    new Response(
+      new ReadableStream({
+        start(controller) {
+          controller.enqueue(encoder.encode("all "));
+          controller.enqueue(encoder.encode("here"));
+          controller.close();
+        },
+      }),
+      { headers: { "content-length": "99" } },
+    ), async (server) => {
+    const reply = await ask(server, GET);
+    assert.equal(reply?.headers.get("content-length"), "8");
+    assert.equal(reply?.headers.get("transfer-encoding"), undefined);
+    assert.equal(reply?.text, "all here");
   });
 });

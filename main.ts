@@ -1038,8 +1038,11 @@ function expire(server: ServerState, connection: Connection): void {
     reply.contents.length,
     server.now,
   );
-  // Answers already queued for the requests before it go first.
-  queue(connection, responseBytes(server, reply, false, false, 1));
+  // Answers already queued for the requests before it go first. A HEAD's
+  // 408 has no body either (RFC 9110 §9.3.2).
+  const headOnly =
+    methodOf(connection.buffer, connection.start, connection.end) === "HEAD";
+  queue(connection, responseBytes(server, reply, headOnly, false, 1));
   writeAll(connection.stream, gather(connection))
     .then(() => connection.stream.closeWrite())
     .catch(() => connection.close());
@@ -1216,13 +1219,15 @@ export function parseRequest(
   }
   const headEnd = findHeadEnd(buf, p, end);
   if (headEnd === INCOMPLETE) {
-    return end - start >= limits.maxHead
-      ? -oversizeStatus(buf, p, end, limits)
-      : INCOMPLETE;
-  }
-  if (headEnd < 0) return headEnd;
-  if (headEnd - start > limits.maxHead) {
+    if (end - start < limits.maxHead) return INCOMPLETE;
+    request.method = methodOf(buf, p, end);
     return -oversizeStatus(buf, p, end, limits);
+  }
+  if (headEnd < 0 || headEnd - start > limits.maxHead) {
+    // Refused before its head was parsed: still, a HEAD's refusal carries
+    // no body (RFC 9110 §9.3.2), so the method must be known.
+    request.method = methodOf(buf, p, end);
+    return headEnd < 0 ? headEnd : -oversizeStatus(buf, p, end, limits);
   }
   const parsed = parseHead(buf, p, request, limits);
   return parsed < 0 ? parsed : headEnd - start;
@@ -1267,6 +1272,13 @@ function findHeadEnd(buf: Uint8Array, p: number, end: number): number {
     if (buf[lf + 1] === CR && buf[lf + 2] === LF) return lf + 3;
   }
   return INCOMPLETE;
+}
+
+/** The method of a request line, if its first token is one we know. */
+function methodOf(buf: Uint8Array, p: number, end: number): string | null {
+  const start = p;
+  while (p < end && TOKEN[buf[p]]) p++;
+  return p < end && buf[p] === SP ? intern(buf, start, p, METHODS) : null;
 }
 
 /** 414 when the request line's target is what made the head too big. */

@@ -493,6 +493,11 @@ Deno.test("serve() sends no body with an error reply to HEAD", async () => {
           501,
         ],
         ["HEAD / HTTP/2.0\r\nHost: x\r\n\r\n", 505],
+        // Refused before the head is parsed: the method is known all the same.
+        ["HEAD / HTTP/1.0\r\nConnection: keep-alive7\n\r\n", 400],
+        ["HEAD / HTTP/1.1\r\nHost: x\nX: y\r\n\r\n", 400],
+        [`HEAD /${"a".repeat(9000)} HTTP/1.1\r\nHost: x\r\n\r\n`, 414],
+        [`HEAD / HTTP/1.1\r\nHost: x\r\nX: ${"y".repeat(17_000)}`, 431],
       ] as const
     ) {
       const client = await Client.open(server);
@@ -6538,5 +6543,57 @@ Deno.test("serve() sends a length for a stream whose bytes are all there, and be
     assert.equal(reply?.headers.get("content-length"), "8");
     assert.equal(reply?.headers.get("transfer-encoding"), undefined);
     assert.equal(reply?.text, "all here");
+  });
+});
+
+Deno.test("serve() answers a HEAD request it refuses with no body, whatever the failure", async () => {
+  const granted =
+    Deno.permissions.querySync({ name: "env", variable: "FUZZ_SEED" })
+      .state === "granted";
+  const seed = Number(
+    (granted && Deno.env.get("FUZZ_SEED")) || Date.now() % 2 ** 31,
+  );
+  const next = random(seed);
+  await withServer(
+    { headerTimeout: 0.3, bodyTimeout: 0.3, sleepDelay: 0.01, maxBody: 100 },
+    async (server) => {
+      let refused = 0;
+      for (let i = 0; i < 600; i++) {
+        // A HEAD request line, then a mutated rest: its answer, the first,
+        // is a HEAD's, body or no body.
+        const input = concat([latin1("HEAD "), mutate(next).subarray(4)]);
+        const conn = await Deno.connect({ port: server.addr.port });
+        try {
+          await conn.write(input);
+          await conn.closeWrite();
+          const { text } = await readUntilClosed(conn, 0);
+          const headEnd = text.indexOf("\r\n\r\n");
+          if (headEnd < 0) continue; // nothing answered: the input ended early
+          const rest = text.slice(headEnd + 4);
+          const status = Number(text.slice(9, 12));
+          if (status >= 400) refused++;
+          assert.ok(
+            rest === "" || rest.startsWith("HTTP/1.1 "),
+            `seed ${seed}, input ${JSON.stringify(decoder.decode(input))}: ` +
+              `a body after the HEAD's ${status}`,
+          );
+        } finally {
+          conn.close();
+        }
+      }
+      assert.ok(refused > 100, `refusals seen: ${refused}`);
+    },
+  );
+  // One stalled mid-head gets its 408 without a body too.
+  await withServer({ headerTimeout: 0.3 }, async (server) => {
+    const client = await Client.open(server);
+    try {
+      await client.send("HEAD / HTTP/1.1\r\nHost: x\r\n");
+      const reply = await client.response({ head: true });
+      assert.equal(reply?.status, 408);
+      assert.ok(await client.closedByServer(), "no body after the 408");
+    } finally {
+      client.close();
+    }
   });
 });

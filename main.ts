@@ -3006,7 +3006,11 @@ function sendContent(
   // A stream of unknown length goes by the handler's Content-Length when it
   // gives one; pipe() holds the stream to it, and closes if it is wrong.
   const streamed = content instanceof ReadableStream || isReadAhead(content);
-  if (streamed && length < 0 && !coding && /^\d{1,15}$/.test(declared)) {
+  if (
+    streamed && length < 0 && !coding && /^\d{1,15}$/.test(declared) &&
+    // More read ahead than it says: it is wrong, and the server frames it.
+    !(isReadAhead(content) && content.size > Number(declared))
+  ) {
     length = exchange.length = Number(declared);
   }
   if (headOnly && streamed) {

@@ -359,6 +359,38 @@ async function within<T>(
   }
 }
 
+/**
+ * A test whose code under test writes to `console.error` or stdout on
+ * purpose (a handler made to fail, a default access log): what it writes is
+ * captured and handed to `check`, not printed, so that a passing run reads
+ * clean.
+ */
+function quietly(
+  check: (errors: string[], stdout: string) => void,
+  test: () => Promise<void>,
+): () => Promise<void> {
+  return async () => {
+    const errors: string[] = [];
+    const written: string[] = [];
+    const original = console.error;
+    const stdout = Deno.stdout as unknown as {
+      write(bytes: Uint8Array): Promise<number>;
+    };
+    console.error = (...data: unknown[]) => errors.push(data.join(" "));
+    stdout.write = (bytes) => {
+      written.push(decoder.decode(bytes));
+      return Promise.resolve(bytes.length);
+    };
+    try {
+      await test();
+    } finally {
+      console.error = original;
+      delete (stdout as { write?: unknown }).write;
+    }
+    check(errors, written.join(""));
+  };
+}
+
 /** Resolves when `signal` aborts. */
 function aborted(signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
@@ -1746,44 +1778,58 @@ Deno.test("serve() refuses an option value that would turn a defence off, before
   }
 });
 
-Deno.test("serve() takes a handler in each of Deno.serve's three call forms", async () => {
-  // serve(handler): every option at its default, so the book's port 7878.
-  const first = serve(hello);
-  try {
-    assert.equal(first.addr.port, 7878);
-    const reply = await ask(first, "GET /one HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert.equal(reply?.text, "hello /one");
-  } finally {
-    await first.shutdown();
-  }
-  const forms: [string, () => Server, string][] = [
-    [
-      "serve(options, handler)",
-      () => serve({ port: 0, accessLog: false }, hello),
-      "hello /two",
-    ],
-    [
-      "serve({ ...options, handler })",
-      () => serve({ port: 0, accessLog: false, handler: hello }),
-      "hello /two",
-    ],
-    // Without a handler, the book's routes: /two is their 404 page.
-    [
-      "serve(options)",
-      () => serve({ port: 0, accessLog: false }),
-      NOT_FOUND_PAGE,
-    ],
-  ];
-  for (const [form, open, expected] of forms) {
-    const server = open();
-    try {
-      const reply = await ask(server, "GET /two HTTP/1.1\r\nHost: x\r\n\r\n");
-      assert.equal(reply?.text, expected, form);
-    } finally {
-      await server.shutdown();
-    }
-  }
-});
+Deno.test(
+  "serve() takes a handler in each of Deno.serve's three call forms",
+  quietly(
+    (_, stdout) =>
+      // serve(handler) logs, as Deno.serve would, to stdout.
+      assert.match(
+        stdout,
+        /^127\.0\.0\.1 - - \[[^\]]+\] "GET \/one HTTP\/1\.1" 200 10\n$/,
+      ),
+    async () => {
+      // serve(handler): every option at its default, so the book's port 7878.
+      const first = serve(hello);
+      try {
+        assert.equal(first.addr.port, 7878);
+        const reply = await ask(first, "GET /one HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert.equal(reply?.text, "hello /one");
+      } finally {
+        await first.shutdown();
+      }
+      const forms: [string, () => Server, string][] = [
+        [
+          "serve(options, handler)",
+          () => serve({ port: 0, accessLog: false }, hello),
+          "hello /two",
+        ],
+        [
+          "serve({ ...options, handler })",
+          () => serve({ port: 0, accessLog: false, handler: hello }),
+          "hello /two",
+        ],
+        // Without a handler, the book's routes: /two is their 404 page.
+        [
+          "serve(options)",
+          () => serve({ port: 0, accessLog: false }),
+          NOT_FOUND_PAGE,
+        ],
+      ];
+      for (const [form, open, expected] of forms) {
+        const server = open();
+        try {
+          const reply = await ask(
+            server,
+            "GET /two HTTP/1.1\r\nHost: x\r\n\r\n",
+          );
+          assert.equal(reply?.text, expected, form);
+        } finally {
+          await server.shutdown();
+        }
+      }
+    },
+  ),
+);
 
 Deno.test("serve() gives the handler a real Request: URL, method, every field", async () => {
   const seen: Record<string, unknown>[] = [];
@@ -1976,39 +2022,48 @@ Deno.test("serve() streams a request body to the handler as it arrives", async (
   });
 });
 
-Deno.test("serve() errors a streamed body that grows past maxBody, and answers 413", async () => {
-  const started = Promise.withResolvers<void>();
-  const failed = Promise.withResolvers<unknown>();
-  await withHandler({ maxBody: 1000 }, async (request) => {
-    const reader = request.body!.getReader();
-    try {
-      await reader.read();
-      started.resolve();
-      while (!(await reader.read()).done) { /* read on */ }
-    } catch (error) {
-      failed.resolve(error);
-      throw error;
-    }
-    return new Response("read it all");
-  }, async (server) => {
-    const client = await Client.open(server);
-    try {
-      await client.send(
-        "POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" +
-          `1f4\r\n${"a".repeat(500)}\r\n`,
-      );
-      await within(started.promise, "the handler reads the first chunk");
-      await client.send(`1f5\r\n${"b".repeat(501)}\r\n`);
-      await within(failed.promise, "the body stream errors");
-      const reply = await client.response();
-      assert.equal(reply?.status, 413);
-      assert.equal(reply.headers.get("connection"), "close");
-      assert.ok(await client.closedByServer());
-    } finally {
-      client.close();
-    }
-  });
-});
+Deno.test(
+  "serve() errors a streamed body that grows past maxBody, and answers 413",
+  quietly(
+    (errors) =>
+      assert.deepEqual(errors, [
+        "error: the handler failed: the request body was refused with 413",
+      ]),
+    async () => {
+      const started = Promise.withResolvers<void>();
+      const failed = Promise.withResolvers<unknown>();
+      await withHandler({ maxBody: 1000 }, async (request) => {
+        const reader = request.body!.getReader();
+        try {
+          await reader.read();
+          started.resolve();
+          while (!(await reader.read()).done) { /* read on */ }
+        } catch (error) {
+          failed.resolve(error);
+          throw error;
+        }
+        return new Response("read it all");
+      }, async (server) => {
+        const client = await Client.open(server);
+        try {
+          await client.send(
+            "POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" +
+              `1f4\r\n${"a".repeat(500)}\r\n`,
+          );
+          await within(started.promise, "the handler reads the first chunk");
+          await client.send(`1f5\r\n${"b".repeat(501)}\r\n`);
+          await within(failed.promise, "the body stream errors");
+          const reply = await client.response();
+          assert.equal(reply?.status, 413);
+          assert.equal(reply.headers.get("connection"), "close");
+          assert.ok(await client.closedByServer());
+        } finally {
+          client.close();
+        }
+      });
+    },
+  ),
+);
 
 Deno.test("serve() answers 413 to a declared length over maxBody before the handler runs", async () => {
   let called = false;
@@ -2323,64 +2378,76 @@ Deno.test("serve() sends a streamed body to HTTP/1.0 delimited by the close", as
   });
 });
 
-Deno.test("serve() sends no body and no chunked framing for HEAD, 204 and 304", async () => {
-  await withHandler({}, (request) => {
-    switch (pathOf(request)) {
-      case "/text":
-        return new Response("hello body");
-      case "/stream":
-        return new Response(
-          new ReadableStream({
-            start(controller) {
-              controller.enqueue(encoder.encode("streamed"));
-              controller.close();
-            },
-          }),
-        );
-      case "/204":
-        return new Response(null, { status: 204 });
-      case "/304":
-        return new Response(null, { status: 304, headers: { etag: '"v1"' } });
-      case "/throw":
-        throw new Error("a HEAD request that fails");
-    }
-    return new Response("last");
-  }, async (server) => {
-    const client = await Client.open(server);
-    try {
-      // Any byte of body after these would be read as the next response.
-      await client.send(
-        "HEAD /text HTTP/1.1\r\nHost: x\r\n\r\n" +
-          "HEAD /stream HTTP/1.1\r\nHost: x\r\n\r\n" +
-          "GET /204 HTTP/1.1\r\nHost: x\r\n\r\n" +
-          "GET /304 HTTP/1.1\r\nHost: x\r\n\r\n" +
-          "HEAD /throw HTTP/1.1\r\nHost: x\r\n\r\n" +
-          "GET /last HTTP/1.1\r\nHost: x\r\n\r\n",
-      );
-      const text = await client.response({ head: true });
-      assert.equal(text?.status, 200);
-      // RFC 9110 §8.6: if sent, the length a GET would have had.
-      const length = text.headers.get("content-length");
-      assert.ok(length === undefined || length === "10", length);
-      assert.equal((await client.response({ head: true }))?.status, 200);
-      // RFC 9110 §8.6, RFC 9112 §6.1: no Content-Length, no
-      // Transfer-Encoding with a 204.
-      const noContent = await client.response();
-      assert.equal(noContent?.status, 204);
-      assert.ok(!noContent.headers.has("content-length"));
-      assert.ok(!noContent.headers.has("transfer-encoding"));
-      const notModified = await client.response();
-      assert.equal(notModified?.status, 304);
-      assert.equal(notModified.headers.get("etag"), '"v1"');
-      assert.ok(!notModified.headers.has("transfer-encoding"));
-      const failed = await client.response({ head: true });
-      assert.equal(failed?.status, 500);
-      assert.equal((await client.response())?.text, "last");
-    } finally {
-      client.close();
-    }
-  });
-});
+Deno.test(
+  "serve() sends no body and no chunked framing for HEAD, 204 and 304",
+  quietly(
+    (errors) =>
+      assert.deepEqual(errors, [
+        "error: the handler failed: a HEAD request that fails",
+      ]),
+    async () => {
+      await withHandler({}, (request) => {
+        switch (pathOf(request)) {
+          case "/text":
+            return new Response("hello body");
+          case "/stream":
+            return new Response(
+              new ReadableStream({
+                start(controller) {
+                  controller.enqueue(encoder.encode("streamed"));
+                  controller.close();
+                },
+              }),
+            );
+          case "/204":
+            return new Response(null, { status: 204 });
+          case "/304":
+            return new Response(null, {
+              status: 304,
+              headers: { etag: '"v1"' },
+            });
+          case "/throw":
+            throw new Error("a HEAD request that fails");
+        }
+        return new Response("last");
+      }, async (server) => {
+        const client = await Client.open(server);
+        try {
+          // Any byte of body after these would be read as the next response.
+          await client.send(
+            "HEAD /text HTTP/1.1\r\nHost: x\r\n\r\n" +
+              "HEAD /stream HTTP/1.1\r\nHost: x\r\n\r\n" +
+              "GET /204 HTTP/1.1\r\nHost: x\r\n\r\n" +
+              "GET /304 HTTP/1.1\r\nHost: x\r\n\r\n" +
+              "HEAD /throw HTTP/1.1\r\nHost: x\r\n\r\n" +
+              "GET /last HTTP/1.1\r\nHost: x\r\n\r\n",
+          );
+          const text = await client.response({ head: true });
+          assert.equal(text?.status, 200);
+          // RFC 9110 §8.6: if sent, the length a GET would have had.
+          const length = text.headers.get("content-length");
+          assert.ok(length === undefined || length === "10", length);
+          assert.equal((await client.response({ head: true }))?.status, 200);
+          // RFC 9110 §8.6, RFC 9112 §6.1: no Content-Length, no
+          // Transfer-Encoding with a 204.
+          const noContent = await client.response();
+          assert.equal(noContent?.status, 204);
+          assert.ok(!noContent.headers.has("content-length"));
+          assert.ok(!noContent.headers.has("transfer-encoding"));
+          const notModified = await client.response();
+          assert.equal(notModified?.status, 304);
+          assert.equal(notModified.headers.get("etag"), '"v1"');
+          assert.ok(!notModified.headers.has("transfer-encoding"));
+          const failed = await client.response({ head: true });
+          assert.equal(failed?.status, 500);
+          assert.equal((await client.response())?.text, "last");
+        } finally {
+          client.close();
+        }
+      });
+    },
+  ),
+);
 
 Deno.test("serve() sends each Set-Cookie on its own line", async () => {
   const cookies = [
@@ -2472,50 +2539,64 @@ Deno.test("serve() owns the framing: a handler's framing fields never desynchron
   });
 });
 
-Deno.test("serve() sends no byte past a length it announced for a stream", async () => {
-  // A stream's length is only known at its end. The server may frame it
-  // its own way (chunked), or trust the handler's Content-Length; then a
-  // stream that breaks it must end the connection, never spill bytes that
-  // the client would read as the next response.
-  await withHandler({ idleTimeout: 0.5 }, (request) => {
-    if (pathOf(request) === "/end") return new Response("end");
-    const body = new ReadableStream({
-      start(controller) {
-        controller.enqueue(encoder.encode("hello"));
-        controller.close();
-      },
-    });
-    const length = pathOf(request) === "/short" ? "99" : "2";
-    return new Response(body, { headers: { "content-length": length } });
-  }, async (server) => {
-    for (const path of ["/short", "/long"]) {
-      const client = await Client.open(server);
-      try {
-        await client.send(
-          `GET ${path} HTTP/1.1\r\nHost: x\r\n\r\n` +
-            "GET /end HTTP/1.1\r\nHost: x\r\n\r\n",
-        );
-        const head = await client.head();
-        assert.equal(head?.status, 200, path);
-        const length = head.headers.get("content-length");
-        if (head.headers.has("transfer-encoding") || length === "5") {
-          // Framed by the server: all of it, and the connection goes on.
-          assert.equal(decoder.decode(await client.body(head)), "hello");
-          assert.equal((await client.response())?.text, "end", path);
-          continue;
+Deno.test(
+  "serve() sends no byte past a length it announced for a stream",
+  quietly(
+    (errors) =>
+      assert.deepEqual(errors, [
+        "error: the response body failed: the response body is shorter than announced",
+      ]),
+    async () => {
+      // A stream's length is only known at its end. The server may frame it
+      // its own way (chunked), or trust the handler's Content-Length; then a
+      // stream that breaks it must end the connection, never spill bytes that
+      // the client would read as the next response.
+      await withHandler({ idleTimeout: 0.5 }, (request) => {
+        if (pathOf(request) === "/end") return new Response("end");
+        // Not all there at once, so its length is not known when the head goes.
+        const body = new ReadableStream({
+          start(controller) {
+            controller.enqueue(encoder.encode("hel"));
+          },
+          async pull(controller) {
+            await delay(10);
+            controller.enqueue(encoder.encode("lo"));
+            controller.close();
+          },
+        });
+        const length = pathOf(request) === "/short" ? "99" : "2";
+        return new Response(body, { headers: { "content-length": length } });
+      }, async (server) => {
+        for (const path of ["/short", "/long"]) {
+          const client = await Client.open(server);
+          try {
+            await client.send(
+              `GET ${path} HTTP/1.1\r\nHost: x\r\n\r\n` +
+                "GET /end HTTP/1.1\r\nHost: x\r\n\r\n",
+            );
+            const head = await client.head();
+            assert.equal(head?.status, 200, path);
+            const length = head.headers.get("content-length");
+            if (head.headers.has("transfer-encoding") || length === "5") {
+              // Framed by the server: all of it, and the connection goes on.
+              assert.equal(decoder.decode(await client.body(head)), "hello");
+              assert.equal((await client.response())?.text, "end", path);
+              continue;
+            }
+            assert.ok(length === "99" || length === "2", `${path}: ${length}`);
+            // Read to the close (an idle connection closes after 0.5 s): no
+            // more than the announced bytes, and no response to /end.
+            const rest = decoder.decode(await client.untilClosed());
+            assert.ok(rest.length <= Number(length), `${path}: ${rest}`);
+            assert.ok("hello".startsWith(rest), `${path}: ${rest}`);
+          } finally {
+            client.close();
+          }
         }
-        assert.ok(length === "99" || length === "2", `${path}: ${length}`);
-        // Read to the close (an idle connection closes after 0.5 s): no
-        // more than the announced bytes, and no response to /end.
-        const rest = decoder.decode(await client.untilClosed());
-        assert.ok(rest.length <= Number(length), `${path}: ${rest}`);
-        assert.ok("hello".startsWith(rest), `${path}: ${rest}`);
-      } finally {
-        client.close();
-      }
-    }
-  });
-});
+      });
+    },
+  ),
+);
 
 Deno.test("serve() honours a handler's Connection: close", async () => {
   await withHandler(
@@ -2609,64 +2690,114 @@ async function askFailures(
   }
 }
 
-Deno.test("serve() answers a failing handler with a plain 500, without the error", async () => {
-  await withHandler({}, failing, async (server) => {
-    await askFailures(server, (reply, path) => {
-      assert.equal(reply?.status, 500, path);
-      assert.equal(
-        reply.headers.get("content-type"),
-        "text/plain; charset=utf-8",
+Deno.test(
+  "serve() answers a failing handler with a plain 500, without the error",
+  quietly(
+    (errors) =>
+      assert.deepEqual(errors, [
+        "error: the handler failed: secret-4242",
+        "error: the handler failed: secret-4242",
+        "error: the handler failed: the handler returned no Response",
+        "error: the handler failed: the handler returned no Response",
+      ]),
+    async () => {
+      await withHandler({}, failing, async (server) => {
+        await askFailures(server, (reply, path) => {
+          assert.equal(reply?.status, 500, path);
+          assert.equal(
+            reply.headers.get("content-type"),
+            "text/plain; charset=utf-8",
+          );
+          assert.equal(reply.text, "500 Internal Server Error\n");
+          // The body is fixed above; nor may the error leak into a field: a
+          // message or a stack tells an attacker about the application.
+          const fields = reply.fields.map(([name, value]) =>
+            `${name}: ${value}`
+          );
+          assert.ok(!fields.some((field) => field.includes(SECRET)), path);
+          assert.notEqual(reply.headers.get("connection"), "close", path);
+        });
+      });
+    },
+  ),
+);
+
+Deno.test(
+  "serve() answers a failing handler with onError's response",
+  quietly(
+    (errors) =>
+      assert.deepEqual(errors, [
+        "error: the handler failed: secret-4242",
+        "error: the handler failed: secret-4242",
+        "error: the handler failed: the handler returned no Response",
+        "error: the handler failed: the handler returned no Response",
+      ]),
+    async () => {
+      const errors: unknown[] = [];
+      await withHandler(
+        {
+          onError: (error) => {
+            errors.push(error);
+            return new Response("sorry", { status: 503 });
+          },
+        },
+        failing,
+        async (server) => {
+          await askFailures(server, (reply, path) => {
+            assert.equal(reply?.status, 503, path);
+            assert.equal(reply.text, "sorry");
+          });
+        },
       );
-      assert.equal(reply.text, "500 Internal Server Error\n");
-      // The body is fixed above; nor may the error leak into a field: a
-      // message or a stack tells an attacker about the application.
-      const fields = reply.fields.map(([name, value]) => `${name}: ${value}`);
-      assert.ok(!fields.some((field) => field.includes(SECRET)), path);
-      assert.notEqual(reply.headers.get("connection"), "close", path);
-    });
-  });
-});
+      assert.equal(errors.length, 4);
+      for (const error of errors.slice(0, 2)) {
+        assert.ok(
+          error instanceof Error && error.message === SECRET,
+          `${error}`,
+        );
+      }
+    },
+  ),
+);
 
-Deno.test("serve() answers a failing handler with onError's response", async () => {
-  const errors: unknown[] = [];
-  await withHandler(
-    {
-      onError: (error) => {
-        errors.push(error);
-        return new Response("sorry", { status: 503 });
-      },
+Deno.test(
+  "serve() answers a plain 500 when onError fails too",
+  quietly(
+    (errors) => {
+      // Each of the four failures, once per way onError fails.
+      const failures = errors.filter((line) =>
+        line.startsWith("error: the handler failed: ")
+      );
+      const onErrors = errors.filter((line) =>
+        line.startsWith("error: onError failed: ")
+      );
+      assert.equal(failures.length, 12);
+      assert.deepEqual([...new Set(onErrors)], [
+        "error: onError failed: onError throws",
+        "error: onError failed: onError rejects",
+        "error: onError failed: onError returned no Response",
+      ]);
+      assert.equal(onErrors.length, 12);
     },
-    failing,
-    async (server) => {
-      await askFailures(server, (reply, path) => {
-        assert.equal(reply?.status, 503, path);
-        assert.equal(reply.text, "sorry");
-      });
+    async () => {
+      const onErrors: ((error: unknown) => Response | Promise<Response>)[] = [
+        () => {
+          throw new Error("onError throws");
+        },
+        () => Promise.reject(new Error("onError rejects")),
+        () => "not a response" as unknown as Response,
+      ];
+      for (const onError of onErrors) {
+        await withHandler({ onError }, failing, async (server) => {
+          await askFailures(server, (reply, path) => {
+            assert.equal(reply?.status, 500, path);
+            assert.equal(reply.text, "500 Internal Server Error\n");
+          });
+        });
+      }
     },
-  );
-  assert.equal(errors.length, 4);
-  for (const error of errors.slice(0, 2)) {
-    assert.ok(error instanceof Error && error.message === SECRET, `${error}`);
-  }
-});
-
-Deno.test("serve() answers a plain 500 when onError fails too", async () => {
-  const onErrors: ((error: unknown) => Response | Promise<Response>)[] = [
-    () => {
-      throw new Error("onError throws");
-    },
-    () => Promise.reject(new Error("onError rejects")),
-    () => "not a response" as unknown as Response,
-  ];
-  for (const onError of onErrors) {
-    await withHandler({ onError }, failing, async (server) => {
-      await askFailures(server, (reply, path) => {
-        assert.equal(reply?.status, 500, path);
-        assert.equal(reply.text, "500 Internal Server Error\n");
-      });
-    });
-  }
-});
+  ),
+);
 
 Deno.test("serve() aborts request.signal when the client goes away", async () => {
   const entered = Promise.withResolvers<void>();
@@ -4291,6 +4422,35 @@ function random(seed: number): () => number {
   };
 }
 
+/**
+ * A fuzz test: `test` draws from a random source seeded by FUZZ_SEED (read
+ * where --allow-env grants it) or else by the clock, and a failure names
+ * the seed that replays it.
+ */
+function fuzzTest(
+  name: string,
+  test: (next: () => number) => Promise<void>,
+): void {
+  Deno.test(name, async () => {
+    const granted =
+      Deno.permissions.querySync({ name: "env", variable: "FUZZ_SEED" })
+        .state === "granted";
+    const seed = Number(
+      (granted && Deno.env.get("FUZZ_SEED")) || Date.now() % 2 ** 31,
+    );
+    try {
+      await test(random(seed));
+    } catch (error) {
+      if (error instanceof Error) {
+        error.message +=
+          `\n(fuzz seed ${seed}: replay with FUZZ_SEED=${seed} ` +
+          "deno test --allow-net --allow-read --allow-write --allow-env)";
+      }
+      throw error;
+    }
+  });
+}
+
 const SEEDS = [
   GET,
   post("/echo", "hello fuzz"),
@@ -4388,53 +4548,46 @@ const ALLOWED = new Set([
   505,
 ]);
 
-Deno.test("serve() answers thousands of mutated requests with valid responses", async () => {
-  const granted =
-    Deno.permissions.querySync({ name: "env", variable: "FUZZ_SEED" })
-      .state === "granted";
-  const seed = Number(
-    (granted && Deno.env.get("FUZZ_SEED")) || Date.now() % 2 ** 31,
-  );
-  console.log(
-    `fuzz seed ${seed} (replay: FUZZ_SEED=${seed} deno test --allow-net --allow-env)`,
-  );
-  const next = random(seed);
-  await withServer(
-    { headerTimeout: 0.5, bodyTimeout: 0.5, sleepDelay: 0.01 },
-    async (server) => {
-      const inputs = Array.from({ length: 3000 }, () => mutate(next));
-      let replies = 0;
-      let index = 0;
-      const worker = async () => {
-        while (index < inputs.length) {
-          const input = inputs[index++];
-          const conn = await Deno.connect({ port: server.addr.port });
-          try {
-            await conn.write(input);
-            // Half-close so that truncated requests end instead of waiting.
-            await conn.closeWrite();
-            const { text } = await readUntilClosed(conn, 0);
-            const mayBeHead = decoder.decode(input).includes("HEAD");
-            for (const status of responseStatuses(text, mayBeHead)) {
-              assert.ok(ALLOWED.has(status), `status ${status}`);
-              replies++;
+fuzzTest(
+  "serve() answers thousands of mutated requests with valid responses",
+  async (next) => {
+    await withServer(
+      { headerTimeout: 0.5, bodyTimeout: 0.5, sleepDelay: 0.01 },
+      async (server) => {
+        const inputs = Array.from({ length: 3000 }, () => mutate(next));
+        let replies = 0;
+        let index = 0;
+        const worker = async () => {
+          while (index < inputs.length) {
+            const input = inputs[index++];
+            const conn = await Deno.connect({ port: server.addr.port });
+            try {
+              await conn.write(input);
+              // Half-close so that truncated requests end instead of waiting.
+              await conn.closeWrite();
+              const { text } = await readUntilClosed(conn, 0);
+              const mayBeHead = decoder.decode(input).includes("HEAD");
+              for (const status of responseStatuses(text, mayBeHead)) {
+                assert.ok(ALLOWED.has(status), `status ${status}`);
+                replies++;
+              }
+            } catch (error) {
+              throw new Error(
+                `input ${JSON.stringify(decoder.decode(input))}: ${error}`,
+              );
+            } finally {
+              conn.close();
             }
-          } catch (error) {
-            throw new Error(
-              `input ${JSON.stringify(decoder.decode(input))}: ${error}`,
-            );
-          } finally {
-            conn.close();
           }
-        }
-      };
-      await Promise.all(Array.from({ length: 16 }, worker));
-      assert.ok(replies > 1000, `most inputs get a reply (${replies})`);
-      const after = await ask(server, GET);
-      assert.equal(after?.status, 200);
-    },
-  );
-});
+        };
+        await Promise.all(Array.from({ length: 16 }, worker));
+        assert.ok(replies > 1000, `most inputs get a reply (${replies})`);
+        const after = await ask(server, GET);
+        assert.equal(after?.status, 200);
+      },
+    );
+  },
+);
 
 // ---------------------------------------------------------------------------
 // TLS: the same server over Deno.listenTls (cert and key options, issue 10)
@@ -5026,25 +5179,31 @@ for (const answer of ["at once", "through a promise"]) {
   });
 }
 
-Deno.test("serve() cuts loose an onError that never answers at the shutdown timeout", async () => {
-  const server = serve({
-    port: 0,
-    accessLog: false,
-    shutdownTimeout: 0.5,
-    onError: () => new Promise<Response>(() => {}),
-  }, () => {
-    throw new Error("boom");
-  });
-  const client = await Client.open(server);
-  try {
-    await client.send(GET);
-    await delay(100);
-    await within(server.shutdown(), "the shutdown");
-    assert.equal(server.forced, 1);
-  } finally {
-    client.close();
-  }
-});
+Deno.test(
+  "serve() cuts loose an onError that never answers at the shutdown timeout",
+  quietly(
+    (errors) => assert.deepEqual(errors, ["error: the handler failed: boom"]),
+    async () => {
+      const server = serve({
+        port: 0,
+        accessLog: false,
+        shutdownTimeout: 0.5,
+        onError: () => new Promise<Response>(() => {}),
+      }, () => {
+        throw new Error("boom");
+      });
+      const client = await Client.open(server);
+      try {
+        await client.send(GET);
+        await delay(100);
+        await within(server.shutdown(), "the shutdown");
+        assert.equal(server.forced, 1);
+      } finally {
+        client.close();
+      }
+    },
+  ),
+);
 
 Deno.test("serve() answers earlier pipelined requests before a handler that takes its time", async () => {
   const release = Promise.withResolvers<void>();
@@ -6157,69 +6316,66 @@ function mutatedFrames(next: () => number): Uint8Array {
   return bytes.subarray(0, cut);
 }
 
-Deno.test("serve() answers hundreds of mutated WebSocket frame sequences with well-formed frames", async () => {
-  const granted =
-    Deno.permissions.querySync({ name: "env", variable: "FUZZ_SEED" })
-      .state === "granted";
-  const seed = Number(
-    (granted && Deno.env.get("FUZZ_SEED")) || Date.now() % 2 ** 31,
-  );
-  console.log(
-    `websocket fuzz seed ${seed} (replay: FUZZ_SEED=${seed} deno test --allow-net --allow-env)`,
-  );
-  const next = random(seed);
-  await withEchoServer({ wsMaxMessage: 64 * 1024 }, async (server) => {
-    for (let i = 0; i < 300; i++) {
-      const input = mutatedFrames(next);
-      const { client } = await openSocket(server);
-      try {
-        await client.send(input);
-        await client.conn.closeWrite();
-        let frame: Frame | null;
-        let closed = false;
-        while ((frame = await readFrame(client))) {
-          assert.ok(!closed, `#${i}: nothing follows a close frame`);
-          assert.ok(
-            [0x1, 0x2, 0x8, 0xa].includes(frame.opcode) && frame.fin &&
-              frame.rsv === 0,
-            `#${i}: a frame a server may send (${frame.opcode})`,
-          );
-          if (frame.opcode === 0x1) {
-            assert.doesNotThrow(
-              () =>
-                new TextDecoder("utf-8", { fatal: true }).decode(
-                  frame!.payload,
-                ),
-              `#${i}: text is UTF-8`,
-            );
-          }
-          if (frame.opcode === 0x8) {
-            closed = true;
-            const { payload } = frame;
-            assert.notEqual(payload.length, 1, `#${i}: a close code is whole`);
-            const code = payload.length ? payload[0] << 8 | payload[1] : 1000;
+fuzzTest(
+  "serve() answers hundreds of mutated WebSocket frame sequences with well-formed frames",
+  async (next) => {
+    await withEchoServer({ wsMaxMessage: 64 * 1024 }, async (server) => {
+      for (let i = 0; i < 300; i++) {
+        const input = mutatedFrames(next);
+        const { client } = await openSocket(server);
+        try {
+          await client.send(input);
+          await client.conn.closeWrite();
+          let frame: Frame | null;
+          let closed = false;
+          while ((frame = await readFrame(client))) {
+            assert.ok(!closed, `#${i}: nothing follows a close frame`);
             assert.ok(
-              (code >= 1000 && code <= 1014 &&
-                ![1004, 1005, 1006].includes(code)) ||
-                (code >= 3000 && code <= 4999),
-              `#${i}: close code ${code} may be sent`,
+              [0x1, 0x2, 0x8, 0xa].includes(frame.opcode) && frame.fin &&
+                frame.rsv === 0,
+              `#${i}: a frame a server may send (${frame.opcode})`,
             );
+            if (frame.opcode === 0x1) {
+              assert.doesNotThrow(
+                () =>
+                  new TextDecoder("utf-8", { fatal: true }).decode(
+                    frame!.payload,
+                  ),
+                `#${i}: text is UTF-8`,
+              );
+            }
+            if (frame.opcode === 0x8) {
+              closed = true;
+              const { payload } = frame;
+              assert.notEqual(
+                payload.length,
+                1,
+                `#${i}: a close code is whole`,
+              );
+              const code = payload.length ? payload[0] << 8 | payload[1] : 1000;
+              assert.ok(
+                (code >= 1000 && code <= 1014 &&
+                  ![1004, 1005, 1006].includes(code)) ||
+                  (code >= 3000 && code <= 4999),
+                `#${i}: close code ${code} may be sent`,
+              );
+            }
           }
+        } finally {
+          client.close();
         }
-      } finally {
-        client.close();
       }
-    }
-    // Still serving.
-    const { client } = await openSocket(server);
-    await client.send(wsFrame(0x1, "after the fuzz"));
-    assert.equal(
-      decoder.decode((await readFrame(client))!.payload),
-      "after the fuzz",
-    );
-    client.close();
-  });
-});
+      // Still serving.
+      const { client } = await openSocket(server);
+      await client.send(wsFrame(0x1, "after the fuzz"));
+      assert.equal(
+        decoder.decode((await readFrame(client))!.payload),
+        "after the fuzz",
+      );
+      client.close();
+    });
+  },
+);
 
 // ---------------------------------------------------------------------------
 // Compression on the fly (RFC 9110 §8.4, §12.5.3)
@@ -6546,54 +6702,50 @@ Deno.test("serve() sends a length for a stream whose bytes are all there, and be
   });
 });
 
-Deno.test("serve() answers a HEAD request it refuses with no body, whatever the failure", async () => {
-  const granted =
-    Deno.permissions.querySync({ name: "env", variable: "FUZZ_SEED" })
-      .state === "granted";
-  const seed = Number(
-    (granted && Deno.env.get("FUZZ_SEED")) || Date.now() % 2 ** 31,
-  );
-  const next = random(seed);
-  await withServer(
-    { headerTimeout: 0.3, bodyTimeout: 0.3, sleepDelay: 0.01, maxBody: 100 },
-    async (server) => {
-      let refused = 0;
-      for (let i = 0; i < 600; i++) {
-        // A HEAD request line, then a mutated rest: its answer, the first,
-        // is a HEAD's, body or no body.
-        const input = concat([latin1("HEAD "), mutate(next).subarray(4)]);
-        const conn = await Deno.connect({ port: server.addr.port });
-        try {
-          await conn.write(input);
-          await conn.closeWrite();
-          const { text } = await readUntilClosed(conn, 0);
-          const headEnd = text.indexOf("\r\n\r\n");
-          if (headEnd < 0) continue; // nothing answered: the input ended early
-          const rest = text.slice(headEnd + 4);
-          const status = Number(text.slice(9, 12));
-          if (status >= 400) refused++;
-          assert.ok(
-            rest === "" || rest.startsWith("HTTP/1.1 "),
-            `seed ${seed}, input ${JSON.stringify(decoder.decode(input))}: ` +
-              `a body after the HEAD's ${status}`,
-          );
-        } finally {
-          conn.close();
+fuzzTest(
+  "serve() answers a HEAD request it refuses with no body, whatever the failure",
+  async (next) => {
+    await withServer(
+      { headerTimeout: 0.3, bodyTimeout: 0.3, sleepDelay: 0.01, maxBody: 100 },
+      async (server) => {
+        let refused = 0;
+        for (let i = 0; i < 600; i++) {
+          // A HEAD request line, then a mutated rest: its answer, the first,
+          // is a HEAD's, body or no body.
+          const input = concat([latin1("HEAD "), mutate(next).subarray(4)]);
+          const conn = await Deno.connect({ port: server.addr.port });
+          try {
+            await conn.write(input);
+            await conn.closeWrite();
+            const { text } = await readUntilClosed(conn, 0);
+            const headEnd = text.indexOf("\r\n\r\n");
+            if (headEnd < 0) continue; // nothing answered: the input ended early
+            const rest = text.slice(headEnd + 4);
+            const status = Number(text.slice(9, 12));
+            if (status >= 400) refused++;
+            assert.ok(
+              rest === "" || rest.startsWith("HTTP/1.1 "),
+              `input ${JSON.stringify(decoder.decode(input))}: ` +
+                `a body after the HEAD's ${status}`,
+            );
+          } finally {
+            conn.close();
+          }
         }
+        assert.ok(refused > 100, `refusals seen: ${refused}`);
+      },
+    );
+    // One stalled mid-head gets its 408 without a body too.
+    await withServer({ headerTimeout: 0.3 }, async (server) => {
+      const client = await Client.open(server);
+      try {
+        await client.send("HEAD / HTTP/1.1\r\nHost: x\r\n");
+        const reply = await client.response({ head: true });
+        assert.equal(reply?.status, 408);
+        assert.ok(await client.closedByServer(), "no body after the 408");
+      } finally {
+        client.close();
       }
-      assert.ok(refused > 100, `refusals seen: ${refused}`);
-    },
-  );
-  // One stalled mid-head gets its 408 without a body too.
-  await withServer({ headerTimeout: 0.3 }, async (server) => {
-    const client = await Client.open(server);
-    try {
-      await client.send("HEAD / HTTP/1.1\r\nHost: x\r\n");
-      const reply = await client.response({ head: true });
-      assert.equal(reply?.status, 408);
-      assert.ok(await client.closedByServer(), "no body after the 408");
-    } finally {
-      client.close();
-    }
-  });
-});
+    });
+  },
+);

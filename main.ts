@@ -2927,9 +2927,14 @@ function sendContent(
     : content instanceof Uint8Array
     ? content.length
     : exchange.length;
+  // A HEAD's answer is judged by what a GET would carry: its length as
+  // the handler says it, if it says.
+  const judged = method === "HEAD" && content === null
+    ? lengthOf(response.headers.get("content-length"))
+    : length;
   let coding = noContent
     ? null
-    : codingFor(server, exchange.accepted, response, length);
+    : codingFor(server, exchange.accepted, response, judged);
   if (coding && !zlib) {
     // The scratch buffer of textBody() may be another's by then.
     const kept = content instanceof Uint8Array ? content.slice() : content;
@@ -2990,6 +2995,10 @@ function sendContent(
         // §8.8.3.3: the compressed bytes are not the ones a strong tag names.
         if (coding && value.startsWith('"')) value = `W/${value}`;
         break;
+      case "accept-ranges":
+        // Ranges are of the identity bytes, never of these (as nginx).
+        if (coding) continue;
+        break;
       case "vary":
         varied = coding !== null;
         if (coding && !/(^|,)\s*(accept-encoding|\*)\s*(,|$)/i.test(value)) {
@@ -3006,12 +3015,13 @@ function sendContent(
   // A stream of unknown length goes by the handler's Content-Length when it
   // gives one; pipe() holds the stream to it, and closes if it is wrong.
   const streamed = content instanceof ReadableStream || isReadAhead(content);
+  const said = lengthOf(declared);
   if (
-    streamed && length < 0 && !coding && /^\d{1,15}$/.test(declared) &&
+    streamed && length < 0 && !coding && said >= 0 &&
     // More read ahead than it says: it is wrong, and the server frames it.
-    !(isReadAhead(content) && content.size > Number(declared))
+    !(isReadAhead(content) && content.size > said)
   ) {
-    length = exchange.length = Number(declared);
+    length = exchange.length = said;
   }
   if (headOnly && streamed) {
     cancel(content as ReadableStream<Uint8Array> | ReadAhead);
@@ -3192,6 +3202,11 @@ function aheadOf(stream: ReadableStream<Uint8Array>): ReadAhead {
 function cancel(content: ReadableStream<Uint8Array> | ReadAhead): void {
   const reader = content instanceof ReadableStream ? content : content.reader;
   reader.cancel().catch(() => {});
+}
+
+/** A Content-Length's value, or -1 when there is none or it is not digits. */
+function lengthOf(value: string | null): number {
+  return value !== null && /^\d{1,15}$/.test(value) ? Number(value) : -1;
 }
 
 /** A chunk of a response body, which the Fetch API wants as bytes. */

@@ -6664,6 +6664,16 @@ Deno.test(
       assert.equal(js.headers.get("content-encoding"), "br");
       assert.equal(decoded(js), script);
       assert.match(js.headers.get("etag") ?? "", /^W\//);
+      // Ranges are of the identity bytes: not offered on these.
+      assert.equal(js.headers.get("accept-ranges"), undefined);
+      // HEAD, whose response has no body to measure: GET's fields the same.
+      const [head] = await askEncoded(server, "/app.js", ["br, gzip"], "HEAD");
+      for (
+        const name of ["content-encoding", "vary", "etag", "accept-ranges"]
+      ) {
+        assert.equal(head.headers.get(name), js.headers.get(name), name);
+      }
+      assert.equal(head.headers.get("content-length"), undefined);
       assert.equal(css.headers.get("content-encoding"), "gzip");
       assert.equal(css.text, "GZIP", "the precompressed file wins");
       assert.equal(png.headers.get("content-encoding"), undefined);

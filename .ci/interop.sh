@@ -10,6 +10,11 @@
 # through both `--app` and `serve(app.fetch)`. WebSockets: an echo app and
 # Hono's helper through `--app`, checked with Deno's, Node's and the ws
 # package's clients, Chromium, and through nginx (.ci/websocket_test.ts).
+# Compression on the way: curl (--compressed, and gzip -d or a brotli
+# decoder on the raw bytes), Deno's fetch and Chromium against an app whose
+# responses main.ts compresses (.ci/apps/compress_app.ts), the same with
+# --no-compress, Server-Sent Events compressed, and --root files with and
+# without a precompressed sibling.
 #
 #   bash .ci/interop.sh                       # from anywhere
 #   CI=true bash .ci/interop.sh               # a missing tool is a failure
@@ -45,13 +50,13 @@ start_server() {
 }
 
 # start_app NAME MODULE [FLAGS...]: main.ts serving MODULE with --app, which
-# needs --allow-read to import it. --no-lock: importing npm:hono would
-# otherwise write a deno.lock into the work tree.
+# needs --allow-read to import it. (No deno.lock for the apps' npm: imports:
+# deno.json says "lock": false, and the "work tree" section checks it.)
 start_app() {
   local name=$1 app=$2
   shift 2
-  launch "$name" deno run --no-lock --allow-net --allow-read main.ts \
-    --port 0 --app "$app" "$@"
+  launch "$name" deno run --allow-net --allow-read main.ts --port 0 \
+    --app "$app" "$@"
 }
 
 # ---------------------------------------------------------------------------
@@ -72,6 +77,41 @@ ab_clean() {
 
 # count_hits LOG: access-log lines of requests for / answered with 200.
 count_hits() { grep -c '"GET / HTTP/1.1" 200 ' "$1" || true; }
+
+# field FILE NAME: the value of the header field NAME (any case) in the
+# headers that curl -D wrote to FILE, its last one; empty if there is none.
+field() { tr -d '\r' <"$1" | sed -n "s/^$2: *//Ip" | tail -n 1; }
+
+# varies FILE: the headers in FILE have a Vary that names Accept-Encoding.
+varies() {
+  # (grep -q could quit before tr is done: a SIGPIPE, which pipefail sees)
+  tr -d '\r' <"$1" | grep -Ei '^vary:(.*[ ,])?accept-encoding *(,|$)' \
+    >/dev/null || {
+    echo "no Vary: Accept-Encoding in $(basename "$1"):"
+    cat "$1"
+    return 1
+  }
+}
+
+# decode CODING IN OUT: IN decoded, with a decoder that is not the server's
+# and fails on a stream cut short: gzip -d, or for brotli (which Debian's
+# gzip cannot read) Deno's DecompressionStream.
+decode() {
+  case $1 in
+    gzip) gzip -dc <"$2" >"$3" ;;
+    br)
+      timeout 30 deno eval 'const [from, to] = Deno.args;
+        const file = await Deno.open(from);
+        await Deno.writeFile(to,
+          file.readable.pipeThrough(new DecompressionStream("brotli")));' \
+        "$2" "$3"
+      ;;
+    *) echo "decode: no decoder for $1" && return 1 ;;
+  esac
+}
+
+# size FILE: its size in bytes.
+size() { wc -c <"$1" | tr -dc 0-9; }
 
 # ---------------------------------------------------------------------------
 # The server under test, and test data
@@ -118,18 +158,30 @@ if start_app stream .ci/apps/stream_app.ts; then
   echo "  $STREAM/ --app .ci/apps/stream_app.ts (pid ${PID[stream]})"
 fi
 
+# Responses that main.ts compresses, and the same app with --no-compress.
+COMPRESS=""
+if start_app compress .ci/apps/compress_app.ts; then
+  COMPRESS="http://127.0.0.1:${PORT[compress]}"
+  echo "  $COMPRESS/ --app .ci/apps/compress_app.ts (pid ${PID[compress]})"
+fi
+COMPRESS_OFF=""
+if start_app compress-off .ci/apps/compress_app.ts --no-compress; then
+  COMPRESS_OFF="http://127.0.0.1:${PORT[compress-off]}"
+  echo "  $COMPRESS_OFF/ the same, with --no-compress" \
+    "(pid ${PID[compress-off]})"
+fi
+
 # Hono, from the npm registry: fetched into deno's cache here, bounded,
 # rather than by a server while a client waits for it to start.
 HONO_APP=""
 HONO_SERVE=""
-if timeout 180 deno cache --no-lock .ci/apps/hono_app.ts \
+if timeout 180 deno cache .ci/apps/hono_app.ts \
   >"$WORK/hono-cache.log" 2>&1; then
   if start_app hono-app .ci/apps/hono_app.ts; then
     HONO_APP="http://127.0.0.1:${PORT[hono-app]}"
     echo "  $HONO_APP/ --app .ci/apps/hono_app.ts (pid ${PID[hono-app]})"
   fi
-  if launch hono-serve deno run --no-lock --allow-net .ci/apps/hono_serve.ts
-  then
+  if launch hono-serve deno run --allow-net .ci/apps/hono_serve.ts; then
     HONO_SERVE="http://127.0.0.1:${PORT[hono-serve]}"
     echo "  $HONO_SERVE/ serve(app.fetch) (pid ${PID[hono-serve]})"
   fi
@@ -243,9 +295,16 @@ curl_413() {
 # after /ack, which is requested only once curl has shown event 1: a server
 # that held the stream back until its end fails here (it then sends event 1
 # after a 5 s wait for the ack, together with "two, without an ack").
+# curl_sse [CODING]: curl asks for that coding alone and decodes it
+# (--compressed): the stream comes compressed, and each event must be
+# flushed through the compressor as it is sent, or event 1 waits in it.
 curl_sse() {
-  local id="curl-$$" curl _
-  timeout 30 curl -sS -N --max-time 20 -D "$WORK/sse.hdr" \
+  local coding=${1:-} id="curl-$$-${1:-identity}" curl _ flags=()
+  [ -n "$coding" ] && flags=(--compressed -H "Accept-Encoding: $coding")
+  # Emptied here, not by the background job: no earlier run's event 1.
+  : >"$WORK/sse.txt"
+  rm -f "$WORK/sse.hdr"
+  timeout 30 curl -sS -N --max-time 20 "${flags[@]}" -D "$WORK/sse.hdr" \
     "$STREAM/events?id=$id" >"$WORK/sse.txt" &
   curl=$!
   for _ in $(seq 100); do # up to 10 s
@@ -262,6 +321,8 @@ curl_sse() {
   tr -d '\r' <"$WORK/sse.hdr" >"$WORK/sse.headers"
   grep -qix 'content-type: text/event-stream' "$WORK/sse.headers"
   grep -qix 'transfer-encoding: chunked' "$WORK/sse.headers"
+  expect "$(field "$WORK/sse.hdr" content-encoding)" "$coding" \
+    "Content-Encoding"
   cat >"$WORK/sse.expected" <<'EOF'
 : a comment, which clients ignore
 
@@ -297,6 +358,135 @@ if have curl curl; then
   if [ -n "$STREAM" ]; then
     check "curl -N: Server-Sent Events arrive as they are sent" curl_sse
   fi
+fi
+
+# ---------------------------------------------------------------------------
+# Compression: the app of .ci/apps/compress_app.ts, whose responses main.ts
+# compresses on the way, decoded by curl itself and by other decoders; the
+# same app with --no-compress; the SSE stream of the stream app, compressed
+# ---------------------------------------------------------------------------
+
+# What the app's responses main.ts compresses: three of known length, and
+# /lines.txt, a stream of unknown length (sent chunked).
+ZIPPED=(/ /app.js /books.json /lines.txt)
+# What it must send as the app made it: too short, not a compressible type,
+# Cache-Control: no-transform, a 206 with Content-Range, and a body the app
+# gzipped itself (Content-Encoding: gzip already).
+UNZIPPED=(/small.txt /logo.png /no-transform /part /encoded)
+
+# zfile PATH: the base name of PATH's files in $WORK ("/" is z_).
+zfile() { echo "$WORK/z$(echo "$1" | tr -c 'a-z0-9.\n' _)"; }
+
+# The reference bytes: what a request without Accept-Encoding gets (curl
+# sends the field only when told to), which must not be compressed.
+compress_reference() {
+  local path file
+  for path in "${ZIPPED[@]}" "${UNZIPPED[@]}"; do
+    file=$(zfile "$path")
+    expect "$(c -D "$file.plain.hdr" -o "$file.plain" -w '%{http_code}' \
+      "$COMPRESS$path")" "$([ "$path" = /part ] && echo 206 || echo 200)" \
+      "GET $path: status"
+    [ "$path" = /encoded ] && continue
+    expect "$(field "$file.plain.hdr" content-encoding)" "" \
+      "GET $path without Accept-Encoding: Content-Encoding"
+  done
+}
+
+# curl --compressed offers every coding it can decode (here deflate, gzip,
+# br, zstd), and decodes what comes: brotli is main.ts's first choice.
+curl_compressed() {
+  local path file want=gzip
+  [[ $(curl -V) == *brotli* ]] && want=br
+  for path in "${ZIPPED[@]}"; do
+    file=$(zfile "$path")
+    c --compressed -D "$file.curl.hdr" -o "$file.curl" "$COMPRESS$path"
+    expect "$(field "$file.curl.hdr" content-encoding)" "$want" \
+      "$path: Content-Encoding"
+    varies "$file.curl.hdr"
+    same_bytes "$file.plain" "$file.curl"
+  done
+}
+
+# curl_raw CODING: asked for CODING alone, without --compressed, curl keeps
+# the bytes as they came; another decoder (decode) must give back the
+# reference bytes. A known length is sent with the compressed size as
+# Content-Length, the stream chunked.
+curl_raw() {
+  local coding=$1 path file sizes=""
+  for path in "${ZIPPED[@]}"; do
+    file=$(zfile "$path")
+    c -H "Accept-Encoding: $coding" -D "$file.$coding.hdr" \
+      -o "$file.$coding" "$COMPRESS$path"
+    expect "$(field "$file.$coding.hdr" content-encoding)" "$coding" \
+      "$path: Content-Encoding"
+    varies "$file.$coding.hdr"
+    if [ "$path" = /lines.txt ]; then
+      expect "$(field "$file.$coding.hdr" transfer-encoding)" chunked \
+        "$path: Transfer-Encoding"
+      expect "$(field "$file.$coding.hdr" content-length)" "" \
+        "$path: Content-Length"
+    else
+      expect "$(field "$file.$coding.hdr" content-length)" \
+        "$(size "$file.$coding")" "$path: Content-Length"
+    fi
+    decode "$coding" "$file.$coding" "$file.$coding.out"
+    same_bytes "$file.plain" "$file.$coding.out"
+    sizes+=" $path $(size "$file.plain") -> $(size "$file.$coding"),"
+  done
+  note "$coding:${sizes%,}"
+}
+
+# Asked for both codings, raw: each of these comes as the app made it,
+# byte for byte; /encoded keeps the app's own gzip, compressed once.
+curl_unzipped() {
+  local path file
+  for path in "${UNZIPPED[@]}"; do
+    file=$(zfile "$path")
+    c -H "Accept-Encoding: br, gzip" -D "$file.both.hdr" -o "$file.both" \
+      "$COMPRESS$path"
+    expect "$(field "$file.both.hdr" content-encoding)" \
+      "$([ "$path" = /encoded ] && echo gzip)" "$path: Content-Encoding"
+    same_bytes "$file.plain" "$file.both"
+  done
+  file=$(zfile /encoded)
+  gzip -dc <"$file.both" >"$file.both.out"
+  same_bytes "$(zfile /no-transform).plain" "$file.both.out"
+}
+
+# --no-compress: curl --compressed gets every response as it is.
+curl_no_compress() {
+  local path file
+  for path in "${ZIPPED[@]}"; do
+    file=$(zfile "$path")
+    c --compressed -D "$file.off.hdr" -o "$file.off" "$COMPRESS_OFF$path"
+    expect "$(field "$file.off.hdr" content-encoding)" "" \
+      "$path: Content-Encoding"
+    same_bytes "$file.plain" "$file.off"
+  done
+}
+
+section "compression"
+if have curl curl && [ -n "$COMPRESS" ]; then
+  check "curl: without Accept-Encoding, nothing is compressed" \
+    compress_reference
+  check "curl --compressed: HTML, JS, JSON and a stream, the same bytes" \
+    curl_compressed
+  check "curl -H 'Accept-Encoding: gzip': gzip -d gives the same bytes" \
+    curl_raw gzip
+  check "curl -H 'Accept-Encoding: br': a brotli decoder, the same bytes" \
+    curl_raw br
+  check "curl: short, binary, no-transform, 206, encoded bodies as they are" \
+    curl_unzipped
+  if [ -n "$COMPRESS_OFF" ]; then
+    check "curl --compressed against --no-compress: nothing is compressed" \
+      curl_no_compress
+  fi
+fi
+if have curl curl && [ -n "$STREAM" ]; then
+  check "curl --compressed -N: gzip Server-Sent Events arrive as sent" \
+    curl_sse gzip
+  check "curl --compressed -N: brotli Server-Sent Events arrive as sent" \
+    curl_sse br
 fi
 
 # ---------------------------------------------------------------------------
@@ -357,9 +547,10 @@ rc=0
 # A server that did not start is named by an empty variable: its tests are
 # ignored (its start was a failure already).
 variables=(INTEROP_URL INTEROP_SS INTEROP_STREAM_URL INTEROP_HONO_APP_URL
-  INTEROP_HONO_SERVE_URL)
+  INTEROP_HONO_SERVE_URL INTEROP_COMPRESS_URL INTEROP_NO_COMPRESS_URL)
 INTEROP_URL="$BASE/" INTEROP_SS=$SS INTEROP_STREAM_URL=$STREAM \
   INTEROP_HONO_APP_URL=$HONO_APP INTEROP_HONO_SERVE_URL=$HONO_SERVE \
+  INTEROP_COMPRESS_URL=$COMPRESS INTEROP_NO_COMPRESS_URL=$COMPRESS_OFF \
   timeout 120 deno test --reporter=tap --allow-net=127.0.0.1 \
   --allow-env="$(IFS=,; echo "${variables[*]}")" --allow-run=ss \
   .ci/interop_test.ts >"$WORK/deno-test.log" 2>&1 || rc=$?
@@ -621,12 +812,34 @@ chromium_events() {
   }
 }
 
+# A page whose HTML, script and JSON all come compressed (brotli: Chromium
+# offers gzip, deflate, br, zstd): the script runs, fetches the JSON and
+# lists the 200 books; and the page reads in Resource Timing that each of
+# the three came smaller than it decoded to (see .ci/apps/compress_app.ts).
+chromium_compressed() {
+  chromium_run --virtual-time-budget=10000 --dump-dom "$COMPRESS/" \
+    >"$WORK/books-dom.html" 2>"$WORK/chromium-books.log"
+  note "$(grep -Eo '<p id="(page|script|json)">[^<]*' "$WORK/books-dom.html" |
+    sed 's/.*">//' | paste -sd ';' | sed 's/;/; /g')"
+  contains "$WORK/books-dom.html" '<p id="count">200 books, the last: Book 200'
+  expect "$(grep -o '<li>' "$WORK/books-dom.html" | wc -l)" 200 "books listed"
+  contains "$WORK/books-dom.html" \
+    '<p id="encoding">books.json Content-Encoding: br</p>'
+  contains "$WORK/books-dom.html" '<p id="page">/: compressed ('
+  contains "$WORK/books-dom.html" '<p id="script">/app.js: compressed ('
+  contains "$WORK/books-dom.html" '<p id="json">/books.json: compressed ('
+}
+
 section "chromium"
 if have chromium chromium; then
   check "chromium: --dump-dom shows the hello page" chromium_dom
   check "chromium: 800x400 screenshot" chromium_screenshot
   if [ -n "$STREAM" ]; then
     check "chromium: EventSource events show in the DOM" chromium_events
+  fi
+  if [ -n "$COMPRESS" ]; then
+    check "chromium: a page with compressed HTML, script and JSON renders" \
+      chromium_compressed
   fi
 fi
 
@@ -695,7 +908,7 @@ fi
 # Hono is in deno's cache already, unless the "apps" section failed to fetch
 # it; then this says so once more, rather than a server timing out.
 HONO_WS=""
-if timeout 180 deno cache --no-lock .ci/apps/hono_ws_app.ts \
+if timeout 180 deno cache .ci/apps/hono_ws_app.ts \
   >"$WORK/hono-ws-cache.log" 2>&1; then
   if start_app hono-ws .ci/apps/hono_ws_app.ts; then
     HONO_WS="http://127.0.0.1:${PORT[hono-ws]}"
@@ -846,7 +1059,8 @@ stop_server main || MAIN_RC=$?
 # The application servers that started, the same way.
 APPS=()
 declare -A APP_RC
-for name in stream hono-app hono-serve ws-echo ws-limited hono-ws; do
+for name in stream compress compress-off hono-app hono-serve ws-echo \
+  ws-limited hono-ws; do
   [ -n "${PORT[$name]:-}" ] || continue
   APPS+=("$name")
   APP_RC[$name]=0
@@ -863,8 +1077,8 @@ apps_shutdown() {
 # Anything on a server's stderr is an uncaught error or a warning.
 quiet_stderr() {
   local name
-  for name in main up1 up2 stream hono-app hono-serve ws-echo ws-limited \
-    hono-ws; do
+  for name in main up1 up2 stream compress compress-off hono-app hono-serve \
+    ws-echo ws-limited hono-ws files; do
     if [ -s "$WORK/$name.err" ]; then
       echo "$name.err:"
       head -n 20 "$WORK/$name.err"
@@ -873,11 +1087,20 @@ quiet_stderr() {
   done
 }
 
-section "--root with --workers"
+section "--root with --workers: files, compressed or not"
 # Each worker makes its own handler: every one must serve the files, not the
 # book's pages. New connections spread over the workers (reusePort).
+# Compression: page.html has no precompressed sibling, data.json has a
+# data.json.gz (gzip -9, which names the file in its header: not what the
+# server would make on the way).
 mkdir -p "$WORK/site"
 printf 'a file\n' >"$WORK/site/a.txt"
+for i in $(seq 60); do
+  echo "<p>Paragraph $i of a page that compresses well.</p>"
+done >"$WORK/site/page.html"
+seq 400 | sed 's/.*/{"n": &, "name": "item &"}/' | paste -sd , |
+  sed 's/^/[/; s/$/]/' >"$WORK/site/data.json"
+gzip -9 -k "$WORK/site/data.json"
 files_everywhere() {
   local i
   for i in $(seq 20); do
@@ -885,14 +1108,119 @@ files_everywhere() {
       "a file" "GET /a.txt, connection $i"
   done
 }
+
+# No sibling: compressed on the way, brotli for curl --compressed and gzip
+# when asked for it alone (gzip -d decodes it), with a weak ETag (RFC 9110
+# §8.8.3.3: the strong one names the file's own bytes).
+files_compressed() {
+  local url="http://127.0.0.1:${PORT[files]}/page.html" want=gzip
+  [[ $(curl -V) == *brotli* ]] && want=br
+  c --compressed -D "$WORK/page.curl.hdr" -o "$WORK/page.curl" "$url"
+  expect "$(field "$WORK/page.curl.hdr" content-encoding)" "$want" \
+    "curl --compressed: Content-Encoding"
+  varies "$WORK/page.curl.hdr"
+  same_bytes "$WORK/site/page.html" "$WORK/page.curl"
+  c -H 'Accept-Encoding: gzip' -D "$WORK/page.gz.hdr" -o "$WORK/page.gz" "$url"
+  expect "$(field "$WORK/page.gz.hdr" content-encoding)" gzip \
+    "Accept-Encoding: gzip: Content-Encoding"
+  varies "$WORK/page.gz.hdr"
+  expect "$(field "$WORK/page.gz.hdr" content-length)" \
+    "$(size "$WORK/page.gz")" "Content-Length"
+  [[ $(field "$WORK/page.gz.hdr" etag) == W/\"* ]] || {
+    echo "ETag of the compressed file: $(field "$WORK/page.gz.hdr" etag)"
+    return 1
+  }
+  decode gzip "$WORK/page.gz" "$WORK/page.gunzipped"
+  same_bytes "$WORK/site/page.html" "$WORK/page.gunzipped"
+  note "page.html: $(size "$WORK/site/page.html") bytes;" \
+    "$want $(field "$WORK/page.curl.hdr" content-length);" \
+    "gzip $(size "$WORK/page.gz")"
+}
+
+# A .gz sibling: a client that accepts gzip gets the sibling's own bytes.
+files_sibling() {
+  local url="http://127.0.0.1:${PORT[files]}/data.json"
+  c -H 'Accept-Encoding: gzip' -D "$WORK/data.gz.hdr" -o "$WORK/data.gz" "$url"
+  expect "$(field "$WORK/data.gz.hdr" content-encoding)" gzip \
+    "Content-Encoding"
+  varies "$WORK/data.gz.hdr"
+  same_bytes "$WORK/site/data.json.gz" "$WORK/data.gz"
+  c --compressed -H 'Accept-Encoding: gzip' -o "$WORK/data.curl" "$url"
+  same_bytes "$WORK/site/data.json" "$WORK/data.curl"
+}
+
+# A Range request gets the bytes asked for of the file as it is: a 206 is
+# never compressed on the way, whatever the client accepts.
+files_range() {
+  local url="http://127.0.0.1:${PORT[files]}/page.html"
+  expect "$(c -H 'Accept-Encoding: br, gzip' -H 'Range: bytes=100-299' \
+    -D "$WORK/range.hdr" -o "$WORK/range.out" -w '%{http_code}' "$url")" \
+    206 status
+  expect "$(field "$WORK/range.hdr" content-encoding)" "" "Content-Encoding"
+  expect "$(field "$WORK/range.hdr" content-range)" \
+    "bytes 100-299/$(size "$WORK/site/page.html")" "Content-Range"
+  head -c 300 "$WORK/site/page.html" | tail -c 200 >"$WORK/range.expected"
+  same_bytes "$WORK/range.expected" "$WORK/range.out"
+}
+
+# HEAD: the fields GET would have (RFC 9110 §9.3.2), so the GET's
+# Content-Encoding and Vary, and no Content-Length (the compressed size is
+# not known without compressing).
+files_head() {
+  local url="http://127.0.0.1:${PORT[files]}/page.html"
+  c -I -H 'Accept-Encoding: gzip' -o "$WORK/page-head.hdr" "$url"
+  note "HEAD, Accept-Encoding: gzip: $(tr -d '\r' <"$WORK/page-head.hdr" |
+    grep -Ei '^(content-(encoding|length)|vary|etag):' | paste -sd ';' |
+    sed 's/;/; /g')"
+  expect "$(field "$WORK/page-head.hdr" content-encoding)" gzip \
+    "Content-Encoding"
+  varies "$WORK/page-head.hdr"
+  expect "$(field "$WORK/page-head.hdr" content-length)" "" "Content-Length"
+}
+
+# A browser revalidates with the weak ETag it got: the file is unchanged.
+files_revalidate() {
+  local url="http://127.0.0.1:${PORT[files]}/page.html" etag
+  c -H 'Accept-Encoding: gzip' -D "$WORK/revalidate.hdr" -o /dev/null "$url"
+  etag=$(field "$WORK/revalidate.hdr" etag)
+  note "ETag: $etag"
+  expect "$(c -H 'Accept-Encoding: gzip' -H "If-None-Match: $etag" \
+    -o /dev/null -w '%{http_code}' "$url")" 304 "If-None-Match: $etag"
+}
+
 if launch files deno run --allow-net --allow-read="$WORK/site,main.ts" \
   --unstable-net main.ts --port 0 --quiet --workers 2 --root "$WORK/site"; then
   check "--root --workers 2: every connection gets the file" files_everywhere
+  check "--root: a file without a sibling is compressed (curl, gzip -d)" \
+    files_compressed
+  check "--root: a file with a .gz sibling gets the sibling's bytes" \
+    files_sibling
+  check "--root: a Range request gets identity" files_range
+  check "--root: HEAD has GET's Content-Encoding and Vary, no Content-Length" \
+    files_head
+  check "--root: the compressed file's weak ETag revalidates (304)" \
+    files_revalidate
   FILES_RC=0
   stop_server files || FILES_RC=$?
   check "--root --workers 2: SIGTERM, 'Shutting down.', exit 0" \
     exited_cleanly files "$FILES_RC"
 fi
+
+section "work tree"
+# The apps' npm: imports (Hono) were resolved with deno.json's "lock": false:
+# no deno.lock anywhere in the project, where git status would show it.
+no_lockfile() {
+  local found
+  if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    found=$(git status --porcelain --ignored --untracked-files=all |
+      grep -E '[ /]deno\.lock$' || true)
+  else
+    found=$(find . -name deno.lock -not -path './.git/*')
+  fi
+  expect "$found" "" "deno.lock in the work tree"
+}
+check "no deno.lock written into the project by the apps' npm: imports" \
+  no_lockfile
 
 section "shutdown"
 check "SIGTERM: the server says 'Shutting down.' and exits 0" \

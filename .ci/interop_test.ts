@@ -6,7 +6,9 @@
  * - `INTEROP_STREAM_URL`: main.ts with `--app .ci/apps/stream_app.ts`;
  * - `INTEROP_HONO_APP_URL`: main.ts with `--app .ci/apps/hono_app.ts`;
  * - `INTEROP_HONO_SERVE_URL`: .ci/apps/hono_serve.ts, the same Hono app
- *   through `serve(app.fetch)`.
+ *   through `serve(app.fetch)`;
+ * - `INTEROP_COMPRESS_URL`: main.ts with `--app .ci/apps/compress_app.ts`;
+ * - `INTEROP_NO_COMPRESS_URL`: the same with `--no-compress`.
  *
  *   INTEROP_URL=http://127.0.0.1:PORT/ deno test --allow-net=127.0.0.1 \
  *     --allow-env=INTEROP_URL,INTEROP_SS --allow-run=ss .ci/interop_test.ts
@@ -330,6 +332,59 @@ for (
     assert.deepEqual(await created.json(), { created: book });
   });
 
+  interopWith(
+    hono,
+    `hono via ${how}: a long JSON comes compressed`,
+    async () => {
+      const catalog = Array.from({ length: 100 }, (_, i) => ({
+        id: i + 1,
+        title: `Chapter ${i % 21 + 1}, part ${i + 1}`,
+      }));
+      const url = new URL("/api/catalog", hono);
+      const plain = await fetch(url, {
+        headers: { "Accept-Encoding": "identity" },
+      });
+      const bytes = await plain.bytes();
+      assert.equal(plain.headers.get("content-encoding"), null);
+      assert.equal(plain.headers.get("content-length"), String(bytes.length));
+      for (const coding of ["br", "gzip"]) {
+        const response = await fetch(url, {
+          headers: { "Accept-Encoding": coding },
+        });
+        assert.equal(response.headers.get("content-encoding"), coding);
+        assert.match(response.headers.get("vary") ?? "", /accept-encoding/i);
+        assert.ok(
+          Number(response.headers.get("content-length")) < bytes.length,
+        );
+        assert.equal(response.headers.get("x-served-by"), "hono");
+        assert.deepEqual(await response.bytes(), bytes);
+      }
+      assert.deepEqual(JSON.parse(new TextDecoder().decode(bytes)), catalog);
+    },
+  );
+
+  // Hono answers HEAD with GET's response without its body (no length):
+  // the fields must still be GET's (RFC 9110 §9.3.2), coding included.
+  interopWith(
+    hono,
+    `hono via ${how}: HEAD has GET's Content-Encoding and Vary`,
+    async () => {
+      const url = new URL("/api/catalog", hono);
+      for (const coding of ["br", "gzip"]) {
+        const headers = { "Accept-Encoding": coding };
+        const get = await fetch(url, { headers });
+        await get.bytes();
+        const head = await fetch(url, { method: "HEAD", headers });
+        assert.equal((await head.bytes()).length, 0);
+        const fields = (response: Response) => ({
+          encoding: response.headers.get("content-encoding"),
+          vary: response.headers.get("vary"),
+        });
+        assert.deepEqual(fields(head), fields(get), `HEAD, ${coding}`);
+      }
+    },
+  );
+
   interopWith(hono, `hono via ${how}: an unknown path is 404`, async () => {
     const missing = await fetch(new URL("/nope", hono));
     assert.equal(missing.status, 404);
@@ -337,3 +392,244 @@ for (
     assert.equal(missing.headers.get("x-served-by"), "hono");
   });
 }
+
+// ---------------------------------------------------------------------------
+// Compression: .ci/apps/compress_app.ts behind main.ts, which compresses its
+// responses on the way, and the same app with --no-compress. Deno's fetch
+// offers "gzip, br" and decodes either itself, also when the request names
+// its own Accept-Encoding; Content-Encoding stays in the headers.
+// ---------------------------------------------------------------------------
+
+const compress = serverUrl("INTEROP_COMPRESS_URL");
+const noCompress = serverUrl("INTEROP_NO_COMPRESS_URL");
+
+/** What main.ts compresses: three bodies of known length, and a stream. */
+const ZIPPED = ["/", "/app.js", "/books.json", "/lines.txt"];
+
+/**
+ * What it sends as the app made it: too short, not a compressible type,
+ * `Cache-Control: no-transform`, a 206, and a body the app gzipped itself.
+ */
+const UNZIPPED = ["/small.txt", "/logo.png", "/no-transform", "/part"];
+
+/**
+ * `path` fetched with `acceptEncoding` as the request's Accept-Encoding
+ * (fetch's own, "gzip, br", when not given), and its decoded bytes.
+ */
+async function fetchWith(
+  server: URL,
+  path: string,
+  acceptEncoding?: string,
+  method = "GET",
+): Promise<{ response: Response; bytes: Uint8Array<ArrayBuffer> }> {
+  const headers = acceptEncoding === undefined
+    ? undefined
+    : { "Accept-Encoding": acceptEncoding };
+  const response = await fetch(new URL(path, server), { method, headers });
+  return { response, bytes: await response.bytes() };
+}
+
+/** `path` as a client that accepts no coding gets it: the reference. */
+async function identity(
+  server: URL,
+  path: string,
+): Promise<Uint8Array<ArrayBuffer>> {
+  const { response, bytes } = await fetchWith(server, path, "identity");
+  assert.equal(response.headers.get("content-encoding"), null, path);
+  return bytes;
+}
+
+function assertVaries(response: Response, what: string) {
+  assert.match(
+    response.headers.get("vary") ?? "",
+    /(^|,)\s*accept-encoding\s*(,|$)/i,
+    `${what}: Vary`,
+  );
+}
+
+interopWith(
+  compress,
+  "deno fetch: compressed HTML, JS, JSON and a stream decode to the same bytes",
+  async (compress) => {
+    for (const path of ZIPPED) {
+      const plain = await identity(compress, path);
+      for (
+        const [accept, coding] of [
+          [undefined, "br"],
+          ["br", "br"],
+          ["gzip", "gzip"],
+        ] as const
+      ) {
+        const what = `${path}, Accept-Encoding: ${accept ?? "(fetch's)"}`;
+        const { response, bytes } = await fetchWith(compress, path, accept);
+        assert.equal(response.status, 200, what);
+        assert.equal(response.headers.get("content-encoding"), coding, what);
+        assertVaries(response, what);
+        const length = response.headers.get("content-length");
+        if (path === "/lines.txt") {
+          assert.equal(length, null, `${what}: a stream has no length`);
+        } else {
+          assert.ok(Number(length) < plain.length, `${what}: ${length} bytes`);
+        }
+        assert.deepEqual(bytes, plain, what);
+      }
+    }
+  },
+);
+
+interopWith(
+  compress,
+  "deno fetch: Accept-Encoding's q-values, * and identity choose the coding",
+  async (compress) => {
+    const plain = await identity(compress, "/books.json");
+    const cases: [string, string | null][] = [
+      ["gzip, br", "br"],
+      ["br, gzip", "br"],
+      ["gzip;q=0.8, br;q=0.8", "br"], // equal weights: br, the smaller
+      ["br;q=0.5, gzip", "gzip"],
+      ["gzip; q=1.0, br; q=0.999", "gzip"],
+      ["*", "br"],
+      ["*;q=0.5, gzip", "gzip"],
+      ["br;q=0, *", "gzip"],
+      ["gzip;q=0, br;q=0", null],
+      ["*;q=0", null],
+      ["identity", null],
+      ["deflate, zstd", null],
+      ["identity;q=0, gzip", "gzip"],
+      ["GZIP", "gzip"],
+      ["x-gzip", "gzip"], // RFC 9110 §8.4.1.3
+      ["", null],
+    ];
+    const wrong: string[] = [];
+    for (const [accept, coding] of cases) {
+      const { response, bytes } = await fetchWith(
+        compress,
+        "/books.json",
+        accept,
+      );
+      const got = response.headers.get("content-encoding");
+      if (got !== coding) wrong.push(`"${accept}": ${got}, wanted ${coding}`);
+      assert.deepEqual(bytes, plain, accept);
+    }
+    assert.deepEqual(wrong, []);
+  },
+);
+
+interopWith(
+  compress,
+  "deno fetch: short, binary, no-transform, 206 and encoded bodies go as made",
+  async (compress) => {
+    for (const path of UNZIPPED) {
+      const plain = await identity(compress, path);
+      const { response, bytes } = await fetchWith(compress, path, "br, gzip");
+      assert.equal(response.headers.get("content-encoding"), null, path);
+      assert.equal(
+        response.headers.get("content-length"),
+        String(bytes.length),
+      );
+      assert.deepEqual(bytes, plain, path);
+    }
+    // The app's own gzip, compressed once: fetch decodes it to the text.
+    const { response, bytes } = await fetchWith(compress, "/encoded", "br");
+    assert.equal(response.headers.get("content-encoding"), "gzip");
+    assert.deepEqual(bytes, await identity(compress, "/no-transform"));
+  },
+);
+
+interopWith(
+  compress,
+  "deno fetch: a strong ETag turns weak when the body is compressed",
+  async (compress) => {
+    const plain = await fetchWith(compress, "/books.json", "identity");
+    assert.equal(plain.response.headers.get("etag"), '"books-1"');
+    for (const coding of ["br", "gzip"]) {
+      const { response } = await fetchWith(compress, "/books.json", coding);
+      assert.equal(response.headers.get("etag"), 'W/"books-1"', coding);
+    }
+  },
+);
+
+interopWith(
+  compress,
+  "deno fetch: HEAD has GET's fields, Content-Encoding and Vary, no length",
+  async (compress) => {
+    const fields = (response: Response) =>
+      [...response.headers].filter(([name]) =>
+        !["date", "content-length", "transfer-encoding"].includes(name)
+      );
+    for (const path of ["/books.json", "/lines.txt"]) {
+      for (const coding of ["br", "gzip"]) {
+        const what = `HEAD ${path}, Accept-Encoding: ${coding}`;
+        const get = await fetchWith(compress, path, coding);
+        const head = await fetchWith(compress, path, coding, "HEAD");
+        assert.equal(head.response.status, 200, what);
+        assert.equal(head.response.headers.get("content-encoding"), coding);
+        assert.deepEqual(fields(head.response), fields(get.response), what);
+        assert.equal(head.response.headers.get("content-length"), null, what);
+        assert.equal(head.bytes.length, 0, what);
+      }
+    }
+    const plain = await identity(compress, "/books.json");
+    const head = await fetchWith(compress, "/books.json", "identity", "HEAD");
+    assert.equal(head.response.headers.get("content-encoding"), null);
+    assert.equal(
+      head.response.headers.get("content-length"),
+      String(plain.length),
+    );
+  },
+);
+
+interopWith(
+  noCompress,
+  "deno fetch: --no-compress sends every body as the app made it",
+  async (noCompress) => {
+    for (const path of ZIPPED) {
+      const plain = await identity(noCompress, path);
+      const { response, bytes } = await fetchWith(noCompress, path);
+      assert.equal(response.headers.get("content-encoding"), null, path);
+      assert.deepEqual(bytes, plain, path);
+      if (compress) assert.deepEqual(bytes, await identity(compress, path));
+    }
+  },
+);
+
+interopWith(
+  stream,
+  "deno fetch: compressed Server-Sent Events arrive as they are sent",
+  async (stream) => {
+    for (const coding of ["gzip", "br"]) {
+      const id = `deno-${coding}-${crypto.randomUUID()}`;
+      const response = await fetch(new URL(`/events?id=${id}`, stream), {
+        headers: { "Accept-Encoding": coding },
+      });
+      assert.equal(response.status, 200);
+      assert.equal(response.headers.get("content-encoding"), coding);
+      const reader = response.body!.pipeThrough(new TextDecoderStream())
+        .getReader();
+      // Event 1 must decode while the stream waits for our ack: a
+      // compressor that held it back sends it only after the wait.
+      let text = "";
+      while (!text.includes("data: one\n\n")) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        text += value;
+      }
+      assert.equal(
+        text,
+        ": a comment, which clients ignore\n\nid: 1\ndata: one\n\n",
+        `${coding}: what came before the ack`,
+      );
+      const ack = await fetch(new URL(`/ack?id=${id}`, stream));
+      assert.equal(await ack.text(), "acknowledged\n");
+      for (
+        let part = await reader.read();
+        !part.done;
+        part = await reader.read()
+      ) {
+        text += part.value;
+      }
+      assert.match(text, /data: two, after the ack\n\n/, coding);
+      assert.ok(text.endsWith("event: done\ndata: bye\n\n"), coding);
+    }
+  },
+);

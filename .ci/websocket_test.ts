@@ -31,7 +31,7 @@
  *
  * and against main.ts the same with `deno run --allow-net --allow-read
  * main.ts --port 0 --app .ci/apps/ws_echo_app.ts` and `WS_SERVER=main.ts`.
- * (`deno serve --no-lock ... .ci/apps/hono_ws_app.ts` serves the Hono app.)
+ * (`deno serve ... .ci/apps/hono_ws_app.ts` serves the Hono app.)
  * Black-box, like .ci/interop_test.ts: a test whose server is not named is
  * ignored, so a plain `deno test` of this file ignores every test.
  * @module

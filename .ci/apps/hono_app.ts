@@ -32,6 +32,13 @@ app.get("/", (c) => c.text("Hello from Hono!"));
 
 app.get("/api/books", (c) => c.json(BOOKS));
 
+// Over the 1 KiB from which main.ts compresses a response (about 4 KiB).
+app.get("/api/catalog", (c) =>
+  c.json(Array.from({ length: 100 }, (_, i) => ({
+    id: i + 1,
+    title: `Chapter ${i % 21 + 1}, part ${i + 1}`,
+  }))));
+
 app.get("/api/books/:id", (c) => {
   const book = BOOKS.find((book) => String(book.id) === c.req.param("id"));
   return book ? c.json(book) : c.json({ error: "no such book" }, 404);

@@ -16,7 +16,10 @@
  * - `handler`: one handler (below, {@linkcode benchHandler}) served by ours
  *   through `serve({ handler })` and by `Deno.serve`: TechEmpower-style
  *   plaintext in the three modes, JSON and a 4 KiB POST echo in keep-alive,
- *   and a streamed 64 MiB response, timed in MB/s.
+ *   and a streamed 64 MiB response, timed in MB/s. Beside ours, the same
+ *   server with `HELLO_SERVER_FETCH_ONLY=1` ("ours (handler, Fetch API
+ *   only)"), which leaves Deno's internals alone as on a Deno where main.ts's
+ *   probes find nothing: its ratio to ours is what such a Deno costs.
  * - `memory`: the memory each server spends per idle keep-alive connection.
  * - `https`: ours with `--cert` and `--key` (the book's routes) against the
  *   anchor's `Deno.serve` with the same certificate, a throwaway one made
@@ -30,6 +33,14 @@
  *   binary messages over 100 connections, 8 in flight on each, and with
  *   64-byte ones in strict ping-pong (messages per second and the server's
  *   CPU time per message); and the memory each spends per idle WebSocket.
+ * - `compression`: one handler ({@linkcode compressionHandler}) answering
+ *   `GET /json` with the same ~20 KiB JSON array every time, asked for with
+ *   `Accept-Encoding: gzip` over keep-alive: ours gzips it (and, asked
+ *   for `br`, brotlis it), ours with `compression: false` and `Deno.serve`
+ *   send it as it is, and nginx (`gzip_comp_level 6`, as ours) gzips the
+ *   same bytes served as a static file, when `nginx` is on the PATH; each
+ *   with the bytes one response takes on the wire (head and body, read
+ *   raw and decoded to check them).
  *
  * `wrk` drives the servers in turn (A B C, A B C, ...) for several rounds,
  * the two servers of each target's ratio back to back;
@@ -39,27 +50,30 @@
  * floor, paired within each round. With `--workers N` it also runs ours with
  * N workers against `deno serve --parallel`. The results are markdown tables
  * on stdout, followed by PASS/FAIL lines for the targets; progress goes to
- * stderr. With the defaults a run takes about 18 minutes on a 2-core machine.
+ * stderr. With the defaults a run takes about 23 minutes on a 2-core machine.
  *
  * Needs `wrk` (`apt-get install -y wrk`), and for `https` also `openssl` and
- * `ab` (apache2-utils); `taskset` (util-linux) pins the load generator to
- * CPU 0 and the servers to the other CPUs.
+ * `ab` (apache2-utils); `compression` uses `nginx` when there is one
+ * (`apt-get install -y nginx-light`); `taskset` (util-linux) pins the load
+ * generator to CPU 0 and the servers to the other CPUs.
  *
  * ```sh
  * deno task bench
  * deno task bench --rounds 1 --duration 2 --only book,floor
  * deno task bench --only https
  * deno task bench --only websocket --rounds 3 --duration 3
+ * deno task bench --only compression --rounds 3 --duration 3
  * deno task bench --workers 2 --strict
  * ```
  *
  * Flags: `--rounds N` (5), `--duration S` per run (5), `--connections N`
  * (50, wrk's), `--idle-connections N` (2000, HTTP ones and WebSockets),
  * `--only SECTION,...` (all of book, floor, handler, memory, https,
- * websocket), `--workers N` (off), `--strict` (exit 1 when a target fails).
- * Internal: `--serve anchor|floor|floor-log|deno-handler|ours-handler|
- * deno-ws|ours-ws` runs one server (the anchor over TLS with `--cert FILE
- * --key FILE`), `--download PORT` times downloads of `/stream`, and
+ * websocket, compression), `--workers N` (off), `--strict` (exit 1 when a
+ * target fails). Internal: `--serve anchor|floor|floor-log|deno-handler|
+ * ours-handler|deno-ws|ours-ws|deno-json|ours-json|ours-json-plain` runs
+ * one server (the anchor over TLS with `--cert FILE --key FILE`),
+ * `--download PORT` times downloads of `/stream`, and
  * `--ws-load PORT --size BYTES --window N --connections N --duration S`
  * loads a WebSocket echo.
  *
@@ -253,6 +267,152 @@ function serveOursHandler(): void {
     accessLog: false,
     onListen: announce,
     handler: benchHandler,
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Compression: one JSON document, served by ours, `Deno.serve` and nginx
+// ---------------------------------------------------------------------------
+
+/** The size the `compression` section's JSON document grows to, at least. */
+const COMPRESSION_JSON_SIZE = 20 * 1024;
+
+/**
+ * An API's list of user records, as JSON: ids, names, e-mail addresses,
+ * cities, dates, amounts, flags and tags, drawn by a fixed linear
+ * congruential generator, so that every process that builds it builds the
+ * same bytes — text with the repetition real JSON has, not a string
+ * repeated. Records are added until it is at least COMPRESSION_JSON_SIZE.
+ */
+function makeCompressionJson(): Uint8Array<ArrayBuffer> {
+  let seed = 20261206;
+  const next = (n: number) => {
+    seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0;
+    // The high bits: the low ones of such a generator repeat with short
+    // periods.
+    return Math.floor(seed / 2 ** 32 * n);
+  };
+  const pick = <T>(list: readonly T[]) => list[next(list.length)];
+  const first = [
+    "Ada",
+    "Alan",
+    "Grace",
+    "Edsger",
+    "Barbara",
+    "Donald",
+    "Frances",
+    "Ken",
+    "Radia",
+    "Niklaus",
+    "Margaret",
+    "Dennis",
+    "Hedy",
+    "Linus",
+    "Sophie",
+    "Tim",
+  ];
+  const last = [
+    "Lovelace",
+    "Turing",
+    "Hopper",
+    "Dijkstra",
+    "Liskov",
+    "Knuth",
+    "Allen",
+    "Thompson",
+    "Perlman",
+    "Wirth",
+    "Hamilton",
+    "Ritchie",
+    "Lamarr",
+    "Torvalds",
+    "Wilson",
+    "Berners-Lee",
+  ];
+  const cities = [
+    "London",
+    "Paris",
+    "Berlin",
+    "Zürich",
+    "Amsterdam",
+    "Lisbon",
+    "Oslo",
+    "Vienna",
+    "Prague",
+    "Dublin",
+    "Madrid",
+    "Rome",
+  ];
+  const tags = [
+    "admin",
+    "beta",
+    "billing",
+    "support",
+    "premium",
+    "trial",
+    "legacy",
+    "mobile",
+    "api",
+    "newsletter",
+  ];
+  const records: unknown[] = [];
+  let size = 2;
+  for (let id = 1; size < COMPRESSION_JSON_SIZE; id++) {
+    const given = pick(first);
+    const family = pick(last);
+    const record = {
+      id,
+      uuid: Array.from(
+        { length: 4 },
+        () => next(0x10000).toString(16).padStart(4, "0"),
+      ).join("-"),
+      name: `${given} ${family}`,
+      email: `${given}.${family}${next(100)}@example.com`.toLowerCase(),
+      city: pick(cities),
+      registered: new Date(Date.UTC(2015, 0, 1) + next(3650) * 86_400_000)
+        .toISOString(),
+      balance: next(10_000_000) / 100,
+      active: next(4) !== 0,
+      tags: Array.from({ length: 1 + next(3) }, () => pick(tags)),
+    };
+    records.push(record);
+    size += JSON.stringify(record).length + 1;
+  }
+  return encoder.encode(JSON.stringify(records));
+}
+
+/** The `compression` section's document, built once by every process. */
+const COMPRESSION_JSON = makeCompressionJson();
+
+/**
+ * The `compression` section's application: `GET /json` answers the same
+ * bytes each time, as `application/json`.
+ */
+export function compressionHandler(request: Request): Response {
+  if (pathOf(request.url) !== "/json") {
+    return new Response("Not Found\n", { status: 404 });
+  }
+  return new Response(COMPRESSION_JSON, {
+    headers: { "content-type": "application/json" },
+  });
+}
+
+function serveDenoJson(): void {
+  Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: announce },
+    compressionHandler,
+  );
+}
+
+/** Ours, compressing (the default) or not (`compression: false`). */
+function serveOursJson(compression: boolean): void {
+  serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    accessLog: false,
+    compression,
+    onListen: announce,
+    handler: compressionHandler,
   });
 }
 
@@ -509,6 +669,7 @@ const SECTIONS = [
   "memory",
   "https",
   "websocket",
+  "compression",
 ] as const;
 type Section = typeof SECTIONS[number];
 
@@ -703,6 +864,11 @@ interface ServerSpec {
   env?: Record<string, string>;
   /** It serves HTTPS, with the `https` section's certificate. */
   tls?: boolean;
+  /**
+   * A server that prints no listening line (nginx): the port it was told
+   * to listen on, tried until it takes a connection.
+   */
+  port?: number;
 }
 
 interface Server {
@@ -755,10 +921,25 @@ async function startServer(spec: ServerSpec, pin: string[]): Promise<Server> {
     return false;
   });
   let timer: ReturnType<typeof setTimeout> | undefined;
+  let waiting = true;
   const failure = new Promise<never>((_, reject) => {
     timer = setTimeout(() => reject(new Error("no listening line")), 30_000);
     child.status.then(({ code }) => reject(new Error(`exited (${code})`)));
   });
+  if (spec.port !== undefined) {
+    const port = spec.port;
+    (async () => {
+      // Every 50 ms while it starts, 30 s at most, as the timer above.
+      for (let tries = 0; waiting && tries < 600; tries++) {
+        try {
+          (await Deno.connect({ hostname: "127.0.0.1", port })).close();
+          return resolve(port);
+        } catch {
+          await delay(50);
+        }
+      }
+    })();
+  }
   try {
     const port = await Promise.race([promise, failure]);
     return {
@@ -775,6 +956,7 @@ async function startServer(spec: ServerSpec, pin: string[]): Promise<Server> {
       `${spec.name} did not start: ${(error as Error).message}\n${stderrTail}`,
     );
   } finally {
+    waiting = false;
     clearTimeout(timer);
   }
 }
@@ -918,6 +1100,176 @@ async function checkHandler(server: Server): Promise<void> {
     decoder.decode(echo.body) === decoder.decode(ECHO_BODY),
     `POST /echo is\n${echo.head}`,
   );
+}
+
+/** A response read whole, and what it took on the wire. */
+interface WholeReply {
+  head: string;
+  /** The body, without any chunked framing. */
+  body: Uint8Array;
+  /** The bytes the response took: head, body and any chunk framing. */
+  wire: number;
+}
+
+/** The largest response readWhole takes. */
+const WHOLE_MAX = 16 * 1024 * 1024;
+
+function indexOfCrlf(bytes: Uint8Array, from: number): number {
+  for (
+    let i = bytes.indexOf(LF, from + 1);
+    i !== -1;
+    i = bytes.indexOf(LF, i + 1)
+  ) {
+    if (bytes[i - 1] === CR) return i - 1;
+  }
+  return -1;
+}
+
+/**
+ * Reads one whole response, framed by Content-Length or chunked (RFC 9112
+ * §6.3, §7.1) — nginx's gzip sends no length — and counts its bytes as they
+ * came.
+ */
+async function readWhole(conn: Deno.Conn): Promise<WholeReply> {
+  const chunk = new Uint8Array(64 * 1024);
+  let data: Uint8Array = new Uint8Array(0);
+  const more = async () => {
+    const n = await conn.read(chunk);
+    if (n === null) throw new Error("connection closed mid-response");
+    data = append(data, chunk.subarray(0, n));
+    if (data.length > WHOLE_MAX) throw new Error("response too large");
+  };
+  let headEnd: number;
+  while ((headEnd = indexOfHeadEnd(data)) < 0) await more();
+  const head = decoder.decode(data.subarray(0, headEnd));
+  const length = head.match(/\r\ncontent-length:\s*(\d+)/i);
+  if (length) {
+    const end = headEnd + Number(length[1]);
+    while (data.length < end) await more();
+    return { head, body: data.slice(headEnd, end), wire: end };
+  }
+  if (!/\r\ntransfer-encoding:[^\r]*chunked/i.test(head)) {
+    throw new Error(`response with neither length nor chunks:\n${head}`);
+  }
+  /** The end of the line that starts at `at`, once it has come. */
+  const line = async (at: number) => {
+    let end: number;
+    while ((end = indexOfCrlf(data, at)) < 0) await more();
+    return end;
+  };
+  const parts: Uint8Array[] = [];
+  let at = headEnd;
+  // Each chunk is at least one byte of WHOLE_MAX: this many bound them.
+  for (let chunks = 0; chunks <= WHOLE_MAX; chunks++) {
+    const end = await line(at);
+    const size = parseInt(decoder.decode(data.subarray(at, end)), 16);
+    if (!Number.isInteger(size) || size < 0) {
+      throw new Error(`bad chunk size at byte ${at}`);
+    }
+    at = end + 2;
+    if (size === 0) {
+      // Trailer fields, if any, up to an empty line.
+      for (let end = await line(at); end !== at; end = await line(at)) {
+        at = end + 2;
+      }
+      let length = 0;
+      for (const part of parts) length += part.length;
+      const body = new Uint8Array(length);
+      length = 0;
+      for (const part of parts) {
+        body.set(part, length);
+        length += part.length;
+      }
+      return { head, body, wire: at + 2 };
+    }
+    while (data.length < at + size + 2) await more();
+    parts.push(data.slice(at, at + size));
+    at += size + 2;
+  }
+  throw new Error("too many chunks");
+}
+
+/** A response's field, the first of that name, or null. */
+function fieldOf(head: string, name: string): string | null {
+  const match = head.match(new RegExp(`\r\n${name}:[ \t]*([^\r]*)`, "i"));
+  return match ? match[1].trim() : null;
+}
+
+/** What a response to the `compression` section's request took. */
+interface Wire {
+  /** Its Content-Encoding, "identity" without one. */
+  coding: string;
+  /** Its bytes on the wire: head, body and any chunk framing. */
+  bytes: number;
+}
+
+/** The wire figures, by `workload|server`, measured at the start. */
+const wires = new Map<string, Wire>();
+
+/**
+ * Sends each of the `compression` section's workloads that the server has
+ * one request, as wrk would (keep-alive, its Accept-Encoding), reads the
+ * response whole, checks that it decodes to the document, and keeps its
+ * coding and size on the wire.
+ */
+async function checkCompression(
+  server: Server,
+  workloads: Workload[],
+): Promise<void> {
+  const zlib = await import("node:zlib");
+  for (const workload of workloads) {
+    const request = encoder.encode(
+      `GET ${workload.path} HTTP/1.1\r\nHost: 127.0.0.1:${server.port}\r\n` +
+        (workload.headers ?? []).map((line) => `${line}\r\n`).join("") +
+        "\r\n",
+    );
+    const conn = await Deno.connect({
+      hostname: "127.0.0.1",
+      port: server.port,
+    });
+    // A server that stalls must not stall the bench: the read then fails.
+    const timer = setTimeout(() => conn.close(), 10_000);
+    let reply: WholeReply;
+    try {
+      await writeAll(conn, request);
+      reply = await readWhole(conn);
+    } finally {
+      clearTimeout(timer);
+      try {
+        conn.close();
+      } catch {
+        // Closed by the timer.
+      }
+    }
+    const fail = (what: string) => {
+      throw new Error(
+        `${server.name}, ${workload.name}: ${what}\n${reply.head}`,
+      );
+    };
+    if (!reply.head.startsWith("HTTP/1.1 200 ")) fail("not a 200");
+    if (fieldOf(reply.head, "content-type") !== "application/json") {
+      fail("not application/json");
+    }
+    const coding = fieldOf(reply.head, "content-encoding")?.toLowerCase() ??
+      "identity";
+    if (coding !== "gzip" && coding !== "br" && coding !== "identity") {
+      fail(`unexpected coding ${coding}`);
+    }
+    let decoded: Uint8Array;
+    try {
+      decoded = coding === "gzip"
+        ? zlib.gunzipSync(reply.body)
+        : coding === "br"
+        ? zlib.brotliDecompressSync(reply.body)
+        : reply.body;
+    } catch (error) {
+      return fail(`the ${coding} body does not decode: ${error}`);
+    }
+    if (!sameBytes(decoded, COMPRESSION_JSON)) {
+      fail("the body does not decode to the document");
+    }
+    wires.set(key(workload, server.name), { coding, bytes: reply.wire });
+  }
 }
 
 /** How many times in a row a sample downloads the streamed response. */
@@ -1249,6 +1601,8 @@ interface Workload {
   window?: number;
   /** A wrk script among the helper files, which sets method and body. */
   script?: string;
+  /** Header lines wrk adds to every request (`-H`). */
+  headers?: string[];
   /** Over HTTPS, to the servers of the `https` section. */
   tls?: boolean;
 }
@@ -1296,6 +1650,24 @@ const HTTPS: Workload[] = [
     tls: true,
   },
 ];
+
+/**
+ * The `compression` section's rows: the JSON document asked for gzip, the
+ * one coding nginx's gzip module speaks, and asked for brotli (ours only).
+ */
+const COMPRESSION_GZIP: Workload = {
+  name: "json 20 KiB gzip keep-alive",
+  mode: "keep-alive",
+  path: "/json",
+  headers: ["Accept-Encoding: gzip"],
+};
+const COMPRESSION_BR: Workload = {
+  name: "json 20 KiB br keep-alive",
+  mode: "keep-alive",
+  path: "/json",
+  headers: ["Accept-Encoding: br"],
+};
+const COMPRESSION = [COMPRESSION_GZIP, COMPRESSION_BR];
 
 /** The `websocket` section's message sizes, one row each. */
 const WS_SIZES = [64, 16 * 1024];
@@ -1368,6 +1740,8 @@ interface Sample {
   cpuPerRequest: number;
   /** The WebSocket load generator's CPU time, in cores. */
   clientCpu?: number;
+  /** The bytes wrk read per response, head and body (wrk's "read" ÷ count). */
+  bytesPerResponse?: number;
 }
 
 const UNIT_MS: Record<string, number> = {
@@ -1383,7 +1757,19 @@ interface WrkReport {
   requests: number;
   p99: number;
   errors: number;
+  /** The bytes read, as wrk rounds them (to 2 decimals of KiB, MiB...). */
+  bytes?: number;
 }
+
+/** wrk's binary units (its `format_binary`): 1 KB = 1024 B. */
+const WRK_UNITS: Record<string, number> = {
+  "": 1,
+  B: 1,
+  KB: 2 ** 10,
+  MB: 2 ** 20,
+  GB: 2 ** 30,
+  TB: 2 ** 40,
+};
 
 /** Parses wrk's report: requests, p99 in ms, socket and status errors. */
 function parseWrk(output: string): WrkReport {
@@ -1400,6 +1786,7 @@ function parseWrk(output: string): WrkReport {
   if (socket) errors += socket.slice(1).reduce((sum, n) => sum + Number(n), 0);
   const status = output.match(/Non-2xx or 3xx responses: (\d+)/);
   if (status) errors += Number(status[1]);
+  const read = output.match(/requests in [^,]+, ([\d.]+)([KMGT]?B?) read/);
   // wrk sometimes prints 0.00us percentiles (wg/wrk#236, #354), mostly
   // when pipelining: a zero is no measurement.
   const p99ms = Number(p99[1]) * UNIT_MS[p99[2]];
@@ -1408,6 +1795,7 @@ function parseWrk(output: string): WrkReport {
     requests: Number(requests[1]),
     p99: p99ms > 0 ? p99ms : NaN,
     errors,
+    bytes: read ? Number(read[1]) * WRK_UNITS[read[2]] : undefined,
   };
 }
 
@@ -1420,15 +1808,29 @@ interface Load {
 }
 
 function wrkArgs(workload: Workload, load: Load): string[] {
-  if (workload.script) return ["-s", `${load.dir}/${workload.script}`];
-  if (workload.mode === "pipelined") return ["-s", `${load.dir}/pipeline.lua`];
-  if (workload.mode === "close") return ["-H", "Connection: close"];
-  return [];
+  const headers = (workload.headers ?? []).flatMap((line) => ["-H", line]);
+  if (workload.script) {
+    return [...headers, "-s", `${load.dir}/${workload.script}`];
+  }
+  if (workload.mode === "pipelined") {
+    return [...headers, "-s", `${load.dir}/pipeline.lua`];
+  }
+  if (workload.mode === "close") {
+    return [...headers, "-H", "Connection: close"];
+  }
+  return headers;
 }
 
-/** Runs a command to its end, killed after `seconds`; returns its stdout. */
-async function outputOf(command: string[], seconds: number): Promise<string> {
-  const child = spawn(command, { cwd: HERE });
+/**
+ * Runs a command to its end, killed after `seconds`, with `env` added to
+ * the environment; returns its stdout.
+ */
+async function outputOf(
+  command: string[],
+  seconds: number,
+  env: Record<string, string> = {},
+): Promise<string> {
+  const child = spawn(command, { cwd: HERE, env });
   const timer = setTimeout(() => signal(child, "SIGKILL"), seconds * 1000);
   try {
     const { code, stdout, stderr } = await child.output();
@@ -1483,13 +1885,14 @@ async function measured(
   const output = await outputOf(command, load.duration + 30);
   const seconds = (performance.now() - started) / 1000;
   const cpuSeconds = (await cpuTicks(server.pid) - ticks) / CLOCK_TICKS;
-  const { rate, requests, p99, errors } = parse(output);
+  const { rate, requests, p99, errors, bytes } = parse(output);
   return {
     rate,
     p99,
     errors,
     cpu: cpuSeconds / seconds,
     cpuPerRequest: cpuSeconds * 1e6 / requests,
+    bytesPerResponse: bytes === undefined ? undefined : bytes / requests,
   };
 }
 
@@ -1757,6 +2160,32 @@ interface Environment {
   nproc: number;
   wrkPin: string[];
   serverPin: string[];
+  /** nginx's version line, when the `compression` section runs and has it. */
+  nginx: string | null;
+  /**
+   * What main.ts's `--version` says it found of Deno's internals, as ours
+   * (handler) runs and with HELLO_SERVER_FETCH_ONLY=1 (the `handler`
+   * section).
+   */
+  internals: { ours: string; fetchOnly: string } | null;
+}
+
+/** The variable that makes main.ts use the Fetch API only. */
+const FETCH_ONLY_VARIABLE = "HELLO_SERVER_FETCH_ONLY";
+/** The permission it is read under; without it, main.ts ignores it. */
+const FETCH_ONLY_PERMISSION = `--allow-env=${FETCH_ONLY_VARIABLE}`;
+
+/** main.ts's `--version`, with `extra` flags and environment. */
+async function mainVersion(
+  extra: string[],
+  env: Record<string, string>,
+): Promise<string> {
+  const output = await outputOf(
+    ["deno", "run", ...extra, "main.ts", "--version"],
+    30,
+    env,
+  );
+  return output.match(/runtime internals: ([^)]*)/)?.[1] ?? output.trim();
 }
 
 async function describeEnvironment(options: Options): Promise<Environment> {
@@ -1784,6 +2213,17 @@ async function describeEnvironment(options: Options): Promise<Environment> {
   const cpuinfo = await readProc("/proc/cpuinfo");
   const deno = await probe(["deno", "--version"]);
   const node = await probe(["node", "--version"]);
+  const nginx = options.only.has("compression")
+    ? await probe(["nginx", "-v"])
+    : null;
+  const internals = options.only.has("handler")
+    ? {
+      ours: await mainVersion([], {}),
+      fetchOnly: await mainVersion([FETCH_ONLY_PERMISSION], {
+        [FETCH_ONLY_VARIABLE]: "1",
+      }),
+    }
+    : null;
   return {
     date: new Date().toISOString().replace(/\.\d+Z$/, "Z"),
     deno: deno?.split("\n")[0] ?? "deno (unknown version)",
@@ -1794,6 +2234,8 @@ async function describeEnvironment(options: Options): Promise<Environment> {
     serverPin: taskset
       ? ["taskset", "-c", nproc === 2 ? "1" : `1-${nproc - 1}`]
       : [],
+    nginx: nginx?.match(/nginx\/\S+/)?.[0] ?? null,
+    internals,
   };
 }
 
@@ -1809,6 +2251,11 @@ const OURS_TLS = "ours (TLS)";
 const ANCHOR_TLS = "Deno.serve (TLS)";
 const OURS_WS = "ours (WebSocket)";
 const ANCHOR_WS = "Deno.serve (WebSocket)";
+const OURS_FETCH_ONLY = "ours (handler, Fetch API only)";
+const OURS_JSON = "ours (json)";
+const OURS_JSON_PLAIN = "ours (json, compression: false)";
+const ANCHOR_JSON = "Deno.serve (json)";
+const NGINX = "nginx (gzip 6)";
 
 /**
  * This file, run in one of its internal roles (`--serve`, `--download`,
@@ -1902,11 +2349,93 @@ const webSocketContenders = (): Contender[] => [
   },
 ];
 
-function contenders(
+/** A port free on loopback a moment ago, for a server that cannot take 0. */
+function freePort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const { port } = listener.addr;
+  listener.close();
+  return port;
+}
+
+/**
+ * nginx's configuration for the `compression` section: the document as a
+ * static file, gzipped at level 6 (zlib's default, and ours's — the same
+ * work per byte; nginx's own default is 1). One process, no master: the
+ * process whose CPU time /proc/PID/stat gives is then the one that serves
+ * (a master's own excludes its workers'), and as root it keeps its user,
+ * so it can read the bench's 0700 temporary directory. In the foreground,
+ * every path under its prefix, no access log (ours and `Deno.serve` keep
+ * none either), keep-alive connections never closed after 1000 requests
+ * (nginx's default), and the file's descriptor kept open between requests
+ * (ours and `Deno.serve` answer from memory).
+ */
+function nginxConf(port: number): string {
+  return `daemon off;
+master_process off;
+worker_processes 1;
+pid nginx.pid;
+error_log stderr warn;
+
+events {
+    worker_connections 1024;
+}
+
+http {
+    access_log off;
+    client_body_temp_path client_body;
+    proxy_temp_path proxy;
+    fastcgi_temp_path fastcgi;
+    uwsgi_temp_path uwsgi;
+    scgi_temp_path scgi;
+    keepalive_requests 1000000;
+    open_file_cache max=16;
+
+    gzip on;
+    gzip_types application/json;
+    gzip_comp_level 6;
+    gzip_min_length 1024;
+
+    server {
+        listen 127.0.0.1:${port};
+        root html;
+
+        location = /json {
+            default_type application/json;
+        }
+    }
+}
+`;
+}
+
+/** nginx, serving the document from `dir`/nginx/html/json. */
+async function nginxContender(dir: string): Promise<Contender> {
+  const prefix = `${dir}/nginx`;
+  await Deno.mkdir(`${prefix}/html`, { recursive: true });
+  await Deno.writeFile(`${prefix}/html/json`, COMPRESSION_JSON);
+  const port = freePort();
+  await Deno.writeTextFile(`${prefix}/nginx.conf`, nginxConf(port));
+  return {
+    name: NGINX,
+    command: [
+      "nginx",
+      "-p",
+      prefix,
+      "-c",
+      `${prefix}/nginx.conf`,
+      "-e",
+      "stderr",
+    ],
+    port,
+    workloads: [COMPRESSION_GZIP],
+    base: ANCHOR_JSON,
+  };
+}
+
+async function contenders(
   options: Options,
   env: Environment,
   dir: string,
-): Contender[] {
+): Promise<Contender[]> {
   const list: Contender[] = [];
   if (options.only.has("book")) list.push(...bookContenders(env, dir));
   if (options.only.has("floor")) {
@@ -1929,6 +2458,19 @@ function contenders(
       workloads: HANDLER,
       base: ANCHOR_HANDLER,
     }, {
+      // The same role, told to leave Deno's internals alone.
+      name: OURS_FETCH_ONLY,
+      command: [
+        ...ROLE.slice(0, 3),
+        FETCH_ONLY_PERMISSION,
+        ...ROLE.slice(3),
+        "--serve",
+        "ours-handler",
+      ],
+      env: { [FETCH_ONLY_VARIABLE]: "1" },
+      workloads: HANDLER,
+      base: OURS_HANDLER,
+    }, {
       name: ANCHOR_HANDLER,
       command: [...ROLE, "--serve", "deno-handler"],
       workloads: HANDLER,
@@ -1938,6 +2480,24 @@ function contenders(
     list.push(...httpsContenders(certificate.files));
   }
   if (options.only.has("websocket")) list.push(...webSocketContenders());
+  if (options.only.has("compression")) {
+    list.push({
+      name: OURS_JSON,
+      command: [...ROLE, "--serve", "ours-json"],
+      workloads: COMPRESSION,
+      base: ANCHOR_JSON,
+    }, {
+      name: ANCHOR_JSON,
+      command: [...ROLE, "--serve", "deno-json"],
+      workloads: [COMPRESSION_GZIP],
+    }, {
+      name: OURS_JSON_PLAIN,
+      command: [...ROLE, "--serve", "ours-json-plain"],
+      workloads: [COMPRESSION_GZIP],
+      base: ANCHOR_JSON,
+    });
+    if (env.nginx) list.push(await nginxContender(dir));
+  }
   if (options.workers > 1) {
     const n = options.workers;
     list.push({
@@ -2059,7 +2619,7 @@ function workloadsOf(list: Contender[]): Workload[] {
     .sort((a, b) => ALL.indexOf(a) - ALL.indexOf(b));
 }
 
-const ALL = [...BOOK, ...HANDLER, ...HTTPS, ...WEBSOCKET];
+const ALL = [...BOOK, ...HANDLER, ...HTTPS, ...WEBSOCKET, ...COMPRESSION];
 
 function fmtSample(workload: Workload, sample: Sample): string {
   if (workload.mode === "stream") return `${fmtInt(sample.rate)} MB/s`;
@@ -2099,7 +2659,23 @@ async function runRounds(
   // rounds of the day's runs, a ratio's spread from round to round was
   // 0.06-0.08 (in the log of CPU per request) for two servers run back to
   // back, and 0.09-0.10 for two run three or four apart.
-  const order = [OURS_LOG, ANCHOR, OURS, FLOOR, FLOOR_LOG, NODE];
+  // Likewise ours (handler) between Deno.serve's and its Fetch API only
+  // twin, and ours (json) between Deno.serve's and nginx's.
+  const order = [
+    OURS_LOG,
+    ANCHOR,
+    OURS,
+    FLOOR,
+    FLOOR_LOG,
+    NODE,
+    OURS_FETCH_ONLY,
+    OURS_HANDLER,
+    ANCHOR_HANDLER,
+    OURS_JSON_PLAIN,
+    ANCHOR_JSON,
+    OURS_JSON,
+    NGINX,
+  ];
   const place = (name: string) =>
     order.includes(name) ? order.indexOf(name) : order.length;
   const inTurn = list.toSorted((a, b) => place(a.name) - place(b.name));
@@ -2248,9 +2824,148 @@ interface Target {
   pass: boolean;
 }
 
-/** A row of the table of requests: not the stream's, nor a WebSocket's. */
+/**
+ * A row of the table of requests: not the stream's, nor a WebSocket's, nor
+ * the `compression` section's (a table of its own).
+ */
 const isRequestRow = (workload: Workload) =>
-  workload.mode !== "stream" && workload.mode !== "websocket";
+  workload.mode !== "stream" && workload.mode !== "websocket" &&
+  !COMPRESSION.includes(workload);
+
+/** Server CPU time per request (or per download), µs. */
+const cpuPerRequest = (sample: Sample) => sample.cpuPerRequest;
+
+/** The median over rounds of a figure of `key`'s minus `base`'s. */
+function pairedDifference(
+  results: Results,
+  key: string,
+  base: string,
+  figure: (sample: Sample) => number,
+): number {
+  const b = results.get(base) ?? [];
+  return median(
+    (results.get(key) ?? []).map((sample, i) =>
+      b[i] ? figure(sample) - figure(b[i]) : NaN
+    ),
+  );
+}
+
+function fmtBytes(bytes: number): string {
+  return Number.isFinite(bytes) ? fmtInt(bytes) : "n/a";
+}
+
+/**
+ * The `compression` section's table. Every ratio is to `Deno.serve`'s run
+ * of the gzip row in the same round: it sends the same bytes whatever the
+ * request accepts.
+ */
+function compressionTable(results: Results, list: Contender[]): string[] {
+  const lines = [
+    "| workload | server | coding | B/response | B/response (wrk) | " +
+    "req/s | p99 ms | errors | ÷ Deno.serve | server CPU | CPU µs/req | " +
+    "CPU/req ÷ Deno.serve |",
+    "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | " +
+    "---: | ---: |",
+  ];
+  const base = key(COMPRESSION_GZIP, ANCHOR_JSON);
+  for (const workload of COMPRESSION) {
+    for (const contender of list) {
+      if (!contender.workloads.includes(workload)) continue;
+      const at = key(workload, contender.name);
+      const s = summarize(results, at);
+      const wire = wires.get(at);
+      const wrkBytes = median(
+        (results.get(at) ?? []).map((sample) => sample.bytesPerResponse ?? NaN),
+      );
+      const [toBase, cpuToBase] = at === base ? ["–", "–"] : [
+        ratio(pairedRatio(results, at, base)),
+        ratio(pairedRatio(results, at, base, cpuPerRequest)),
+      ];
+      lines.push(
+        `| ${workload.name} | ${contender.name} | ` +
+          `${wire?.coding ?? "?"} | ${fmtBytes(wire?.bytes ?? NaN)} | ` +
+          `${fmtBytes(wrkBytes)} | ${fmtInt(s.rate)} | ${fmtMs(s.p99)} | ` +
+          `${s.errors} | ${toBase} | ${fmtPercent(s.cpu)} | ` +
+          `${fmtUs(s.cpuPerRequest)} | ${cpuToBase} |`,
+      );
+    }
+  }
+  return lines;
+}
+
+/**
+ * What the `compression` section shows without a target: what compressing
+ * costs ours per request, and ours against nginx.
+ */
+function compressionNotes(results: Results, list: Contender[]): string[] {
+  const gzip = (name: string) => key(COMPRESSION_GZIP, name);
+  const br = key(COMPRESSION_BR, OURS_JSON);
+  const us = (value: number) =>
+    Number.isFinite(value)
+      ? `${value >= 0 ? "+" : "−"}${fmtUs(Math.abs(value))} µs`
+      : "n/a";
+  const cost = (at: string, base: string) =>
+    `${us(pairedDifference(results, at, base, cpuPerRequest))} ` +
+    `(${ratio(pairedRatio(results, at, base, cpuPerRequest))})`;
+  const lines = [
+    `Compressing, server CPU per request (paired medians over rounds): ` +
+    `ours gzip − Deno.serve ${cost(gzip(OURS_JSON), gzip(ANCHOR_JSON))}; ` +
+    `ours gzip − ours with compression: false ` +
+    `${cost(gzip(OURS_JSON), gzip(OURS_JSON_PLAIN))}; ` +
+    `ours br − ours with compression: false ` +
+    `${cost(br, gzip(OURS_JSON_PLAIN))}; ` +
+    `ours with compression: false − Deno.serve ` +
+    `${cost(gzip(OURS_JSON_PLAIN), gzip(ANCHOR_JSON))}.`,
+  ];
+  if (list.some((c) => c.name === NGINX)) {
+    lines.push(
+      `Ours ÷ nginx, both gzip level 6: req/s ` +
+        `${ratio(pairedRatio(results, gzip(OURS_JSON), gzip(NGINX)))}, ` +
+        `CPU per request ` +
+        `${
+          ratio(
+            pairedRatio(results, gzip(OURS_JSON), gzip(NGINX), cpuPerRequest),
+          )
+        } (ours ${fmtUs(summarize(results, gzip(OURS_JSON)).cpuPerRequest)}` +
+        ` µs, nginx ${fmtUs(summarize(results, gzip(NGINX)).cpuPerRequest)}` +
+        ` µs).`,
+    );
+  } else {
+    lines.push("No nginx row: nginx is not on the PATH.");
+  }
+  return lines;
+}
+
+/**
+ * The `handler` section's Fetch API only twin against ours (handler): the
+ * speed a Deno where main.ts's probes find nothing costs it.
+ */
+function fetchOnlyTable(results: Results): string[] {
+  const lines = [
+    "| workload | ours (handler) | Fetch API only | Fetch API only ÷ ours | " +
+    "CPU µs/req ours | CPU µs/req Fetch API only | CPU/req ÷ ours |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+  ];
+  for (const workload of HANDLER) {
+    const at = key(workload, OURS_FETCH_ONLY);
+    const base = key(workload, OURS_HANDLER);
+    const unit = workload.mode === "stream" ? " MB/s" : " req/s";
+    // Per 64 MiB download for the stream, in ms.
+    const cpu = (us: number) =>
+      workload.mode === "stream" ? `${fmtUs(us / 1000)} ms` : fmtUs(us);
+    const ours = summarize(results, base);
+    const twin = summarize(results, at);
+    lines.push(
+      `| ${workload.name} | ${fmtInt(ours.rate)}${unit} | ` +
+        `${fmtInt(twin.rate)}${unit} | ${
+          ratio(pairedRatio(results, at, base))
+        } | ` +
+        `${cpu(ours.cpuPerRequest)} | ${cpu(twin.cpuPerRequest)} | ` +
+        `${ratio(pairedRatio(results, at, base, cpuPerRequest))} |`,
+    );
+  }
+  return lines;
+}
 
 function throughputTable(results: Results, list: Contender[]): string[] {
   const lines = [
@@ -2521,6 +3236,18 @@ function targets(
       },
     );
   }
+  if (has("compression")) {
+    const ours = wires.get(key(COMPRESSION_GZIP, OURS_JSON));
+    const anchor = wires.get(key(COMPRESSION_GZIP, ANCHOR_JSON));
+    const value = (ours?.bytes ?? NaN) / (anchor?.bytes ?? NaN);
+    const bytes = (wire?: Wire) =>
+      `${fmtBytes(wire?.bytes ?? NaN)} B ${wire?.coding ?? "?"}`;
+    checks.push({
+      label: `compression gzip: ours ÷ Deno.serve bytes per response ≤ ` +
+        `0.33× (${ratio(value)}: ${bytes(ours)} vs ${bytes(anchor)})`,
+      pass: value <= 1 / 3,
+    });
+  }
   let oursErrors = 0;
   for (const [at, samples] of results) {
     if (!at.split("|")[1].startsWith(OURS)) continue;
@@ -2564,14 +3291,15 @@ function report(
     `- base = \`Deno.serve\` with the same routes and hello page; for ` +
     `"ours (log)" (access log into a pipe the bench drains) it is ours ` +
     `(quiet); for "ours (handler)" it is \`Deno.serve\` with the same ` +
-    `handler; for "ours --workers N" it is \`deno serve --parallel\``,
+    `handler, and for "ours (handler, Fetch API only)" ours (handler); ` +
+    `for "ours --workers N" it is \`deno serve --parallel\``,
     `- floor = a bare \`Deno.listen\` loop in bench.ts that counts request ` +
     `heads and writes the hello page with a fixed head per head, one write ` +
     `per read; the handler rows are divided by its run in the same mode; ` +
     `"floor (log)" also logs a constant line as long as ours's per head, ` +
     `in batches of whole lines of at most 64 KiB, one write at a time, into ` +
     `a pipe the bench drains (its base is the floor)`,
-    `- handler rows: one handler on both servers (\`GET /plaintext\`, ` +
+    `- handler rows: one handler on every server (\`GET /plaintext\`, ` +
     `\`GET /json\`, \`POST /echo\` of ${ECHO_SIZE} bytes read with ` +
     `\`arrayBuffer()\`); the stream is ${DOWNLOADS} sequential downloads ` +
     `of a ReadableStream of ${STREAM_CHUNKS} × ${STREAM_CHUNK / 1024} KiB ` +
@@ -2596,6 +3324,34 @@ function report(
         `rows hold connections that completed a handshake`,
     );
   }
+  if (env.internals) {
+    lines.push(
+      `- ours (handler, Fetch API only): the same role as ours (handler), ` +
+        `with ${FETCH_ONLY_VARIABLE}=1 in its environment and ` +
+        `\`${FETCH_ONLY_PERMISSION}\`, run in the same rounds; main.ts's ` +
+        `\`--version\` finds these internals of Deno: ` +
+        `"${env.internals.ours}", and so told: ` +
+        `"${env.internals.fetchOnly}"`,
+    );
+  }
+  if (options.only.has("compression")) {
+    lines.push(
+      `- compression: one handler answers \`GET /json\` with the same ` +
+        `${fmtInt(COMPRESSION_JSON.length)}-byte JSON array ` +
+        `(\`application/json\`), asked for by wrk with \`Accept-Encoding: ` +
+        `gzip\` (or \`br\`) on ${options.connections} keep-alive ` +
+        `connections; ours compresses (gzip level 6, brotli quality 5), ` +
+        `ours with \`compression: false\` and \`Deno.serve\` do not; ` +
+        `nginx: ${env.nginx ?? "not found"}, one process (no master), ` +
+        `the same bytes as a static file, \`gzip on; gzip_types ` +
+        `application/json; gzip_comp_level 6\`, no access log; ` +
+        `"B/response" is one response read raw before the rounds (head + ` +
+        `body + any chunk framing; the body decoded and checked against ` +
+        `the document), "B/response (wrk)" is wrk's bytes read ÷ ` +
+        `responses (it rounds to 3 or 4 digits); "÷ Deno.serve" ratios ` +
+        `pair each run with \`Deno.serve\`'s gzip run in the same round`,
+    );
+  }
   if (options.only.has("websocket")) {
     lines.push(
       `- websocket: one echo (\`socket.onmessage = (e) => ` +
@@ -2618,6 +3374,17 @@ function report(
   }
   if (list.some((c) => c.workloads.includes(STREAM))) {
     lines.push("", ...streamTable(results, list));
+  }
+  if (list.some((c) => c.name === OURS_FETCH_ONLY)) {
+    lines.push("", ...fetchOnlyTable(results));
+  }
+  if (list.some((c) => c.workloads.includes(COMPRESSION_GZIP))) {
+    lines.push(
+      "",
+      ...compressionTable(results, list),
+      "",
+      ...compressionNotes(results, list),
+    );
   }
   if (list.some((c) => c.workloads === WEBSOCKET)) {
     lines.push("", ...webSocketTable(results, list));
@@ -2663,7 +3430,7 @@ async function bench(options: Options): Promise<boolean> {
   try {
     await writeHelpers(dir);
     if (options.only.has("https")) await makeCertificate(dir);
-    const list = contenders(options, env, dir);
+    const list = await contenders(options, env, dir);
     /** What each HTTPS server negotiates, for the report. */
     const tls: string[] = [];
     const load: Load = {
@@ -2679,6 +3446,8 @@ async function bench(options: Options): Promise<boolean> {
         ? checkHandler
         : contender.workloads === WEBSOCKET
         ? checkWebSocket
+        : contender.workloads.includes(COMPRESSION_GZIP)
+        ? (server: Server) => checkCompression(server, contender.workloads)
         : checkHello;
       await check(server);
       if (server.tls) tls.push(await describeTls(server));
@@ -2744,6 +3513,11 @@ function serveRole(role: string, files?: CertificateFiles): void {
       return serveDenoWebSocket();
     case "ours-ws":
       return serveOursWebSocket();
+    case "deno-json":
+      return serveDenoJson();
+    case "ours-json":
+    case "ours-json-plain":
+      return serveOursJson(role === "ours-json");
     default:
       throw new Error(`unknown server: ${role}`);
   }

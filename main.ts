@@ -2870,52 +2870,28 @@ function send(
   keepAlive: boolean,
   line: string,
   began: number,
+  content: Content = contentOf(response, exchange),
 ): boolean | null | Promise<boolean | null> {
-  const content = contentOf(response, exchange);
   const { status } = response;
+  const { minor, method } = connection.request;
   if (
     content instanceof ReadableStream && exchange.length < 0 &&
     status !== 204 && status !== 304
   ) {
     // A stream all of whose (few) bytes are there at once has a length.
     return readAhead(content).then((ahead) =>
-      sendContent(
+      send(
         server,
         connection,
         response,
         exchange,
-        ahead.done ? join(ahead.chunks, ahead.size) : ahead,
         keepAlive,
         line,
         began,
+        ahead.done ? join(ahead.chunks, ahead.size) : ahead,
       )
     );
   }
-  return sendContent(
-    server,
-    connection,
-    response,
-    exchange,
-    content,
-    keepAlive,
-    line,
-    began,
-  );
-}
-
-/** send(), once the content is as known as it will be before it is sent. */
-function sendContent(
-  server: ServerState,
-  connection: Connection,
-  response: Response,
-  exchange: Exchange,
-  content: Content,
-  keepAlive: boolean,
-  line: string,
-  began: number,
-): boolean | null | Promise<boolean | null> {
-  const { minor, method } = connection.request;
-  const { status } = response;
   // RFC 9110 §6.4.1: no content after HEAD, 204 or 304 (§8.6: and no
   // Content-Length on a 204).
   const noContent = status === 204 || status === 304;
@@ -2939,15 +2915,15 @@ function sendContent(
     // The scratch buffer of textBody() may be another's by then.
     const kept = content instanceof Uint8Array ? content.slice() : content;
     return loadZlib().then(() =>
-      sendContent(
+      send(
         server,
         connection,
         response,
         exchange,
-        kept,
         keepAlive,
         line,
         began,
+        kept,
       )
     );
   }
@@ -3014,14 +2990,14 @@ function sendContent(
   }
   // A stream of unknown length goes by the handler's Content-Length when it
   // gives one; pipe() holds the stream to it, and closes if it is wrong.
-  const streamed = content instanceof ReadableStream || isReadAhead(content);
-  const said = lengthOf(declared);
-  if (
-    streamed && length < 0 && !coding && said >= 0 &&
+  const streamed = typeof content === "object" && content !== null &&
+    !(content instanceof Uint8Array);
+  if (streamed && length < 0 && !coding) {
+    const said = lengthOf(declared);
     // More read ahead than it says: it is wrong, and the server frames it.
-    !(isReadAhead(content) && content.size > said)
-  ) {
-    length = exchange.length = said;
+    if (said >= 0 && !(isReadAhead(content) && content.size > said)) {
+      length = exchange.length = said;
+    }
   }
   if (headOnly && streamed) {
     cancel(content as ReadableStream<Uint8Array> | ReadAhead);

@@ -242,8 +242,12 @@ const MAX_DISCARD = 256 * 1024;
 const LINGER_TIME = 2;
 /** On shutdown, how long a new connection may still send its first request. */
 const SHUTDOWN_GRACE = 1;
-/** A second SIGINT or SIGTERM sooner than this after the first is the same one. */
-const SAME_SIGNAL = 0.5;
+/**
+ * A second SIGINT or SIGTERM sooner than this after the first is the same
+ * one, delivered twice (to the process and its group: microseconds apart);
+ * a person pressing Ctrl-C again takes longer.
+ */
+const SAME_SIGNAL = 0.05;
 /** setTimeout()'s longest delay (ms): a longer one wraps, and fires at once. */
 const MAX_DELAY = 2 ** 31 - 1;
 /**

@@ -1408,9 +1408,11 @@ async function readUntilClosed(
 Deno.test("serve() cuts slowloris clients at the header timeout and keeps serving", async () => {
   await withServer({ headerTimeout: 1 }, async (server) => {
     const began = performance.now();
+    // 100, within any listen backlog (Linux's was 128 before 5.4): more at
+    // once would leave some waiting to connect, silent past the timeout.
     const attackers = await Promise.all(
       Array.from(
-        { length: 200 },
+        { length: 100 },
         () => Deno.connect({ port: server.addr.port }),
       ),
     );

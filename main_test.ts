@@ -6238,54 +6238,40 @@ Deno.test("parseFrameHead() reports incomplete heads, then the bytes taken, or t
     );
   }
   assert.equal(parseFrameHead(bytes, 0, 8, frame, rules), 8);
-  assert.deepEqual([frame.fin, frame.opcode, frame.length, frame.compressed], [
-    true,
-    2,
-    300,
-    false,
-  ]);
-  assert.equal(
-    parseFrameHead(wsFrame(0x1, "a", { masked: false }), 0, 3, frame, rules),
-    -1002,
+  assert.deepEqual(
+    [frame.fin, frame.opcode, frame.length, frame.compressed],
+    [true, 2, 300, false],
   );
-  assert.equal(parseFrameHead(wsFrame(0x0, "a"), 0, 7, frame, rules), -1002);
-  assert.equal(
-    parseFrameHead(wsFrame(0x0, "a"), 0, 7, frame, { ...rules, message: 1 }),
-    6,
-  );
-  assert.equal(
-    parseFrameHead(wsFrame(0x2, new Uint8Array(11)), 0, 6, frame, {
-      ...rules,
-      maxMessage: 10,
-    }),
-    -1009,
-  );
-  assert.equal(
-    parseFrameHead(wsFrame(0x2, new Uint8Array(6)), 0, 6, frame, {
-      ...rules,
-      maxMessage: 10,
-      message: 2,
-      received: 5,
-    }),
-    -1002,
-  );
-  assert.equal(
-    parseFrameHead(wsFrame(0x0, new Uint8Array(6)), 0, 6, frame, {
-      ...rules,
-      maxMessage: 10,
-      message: 2,
-      received: 5,
-    }),
-    -1009,
-  );
-  assert.equal(
-    parseFrameHead(wsFrame(0x1, "a", { rsv: 4 }), 0, 7, frame, {
-      ...rules,
-      deflate: true,
-    }),
-    6,
-  );
-  assert.equal(frame.compressed, true);
+  // [what, the frame, the receiver's state, the verdict]
+  const inMessage = { maxMessage: 10, message: 2, received: 5 };
+  const cases: [string, Uint8Array, Partial<typeof rules>, number][] = [
+    ["unmasked", wsFrame(0x1, "a", { masked: false }), {}, -1002],
+    ["a continuation of nothing", wsFrame(0x0, "a"), {}, -1002],
+    ["a continuation", wsFrame(0x0, "a"), { message: 1 }, 6],
+    ["too big", wsFrame(0x2, new Uint8Array(11)), { maxMessage: 10 }, -1009],
+    [
+      "a message in a message",
+      wsFrame(0x2, new Uint8Array(6)),
+      inMessage,
+      -1002,
+    ],
+    [
+      "a continuation too big",
+      wsFrame(0x0, new Uint8Array(6)),
+      inMessage,
+      -1009,
+    ],
+    ["RSV1 agreed", wsFrame(0x1, "a", { rsv: 4 }), { deflate: true }, 6],
+    ["RSV1 not agreed", wsFrame(0x1, "a", { rsv: 4 }), {}, -1002],
+  ];
+  for (const [what, bytes, state, verdict] of cases) {
+    assert.equal(
+      parseFrameHead(bytes, 0, bytes.length, frame, { ...rules, ...state }),
+      verdict,
+      what,
+    );
+  }
+  assert.equal(frame.compressed, true, "RSV1 agreed: compressed");
 });
 
 /** A client's frames, some of them broken at random: the fuzzer's input. */

@@ -855,21 +855,7 @@ ws_nginx_start() {
   local port dir="$WORK/ws-nginx"
   port=$(free_port)
   mkdir -p "$dir"
-  cat >"$dir/nginx.conf" <<EOF
-worker_processes 1;
-pid nginx.pid;
-error_log error.log warn;
-events {
-    worker_connections 64;
-}
-http {
-    access_log access.log;
-    client_body_temp_path client_body;
-    proxy_temp_path proxy;
-    fastcgi_temp_path fastcgi;
-    uwsgi_temp_path uwsgi;
-    scgi_temp_path scgi;
-
+  nginx_conf "$dir/nginx.conf" <<EOF
     map \$http_upgrade \$connection_upgrade {
         default upgrade;
         '' close;
@@ -885,7 +871,6 @@ http {
             proxy_set_header Connection \$connection_upgrade;
         }
     }
-}
 EOF
   WS_NGINX="http://127.0.0.1:$port"
   start_nginx "$dir" "$WS_NGINX/" "GET / to the echo app (port $port)"

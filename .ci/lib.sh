@@ -106,6 +106,31 @@ free_port() {
     console.log(l.addr.port); l.close();'
 }
 
+# nginx_conf FILE: an nginx.conf whose pid, logs and temp files are all
+# relative to its directory, with stdin as the inside of its http block.
+nginx_conf() {
+  {
+    cat <<'EOF'
+worker_processes 1;
+pid nginx.pid;
+error_log error.log warn;
+events {
+    worker_connections 64;
+}
+http {
+    access_log access.log;
+    client_body_temp_path client_body;
+    proxy_temp_path proxy;
+    fastcgi_temp_path fastcgi;
+    uwsgi_temp_path uwsgi;
+    scgi_temp_path scgi;
+
+EOF
+    cat
+    echo "}"
+  } >"$1"
+}
+
 # start_nginx DIR URL WHAT: nginx with DIR/nginx.conf (its paths relative to
 # DIR, its logs in DIR), in the foreground of a background job, recorded as
 # PID[nginx]; waits for a 200 from URL. If none comes, "nginx started and

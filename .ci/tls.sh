@@ -433,21 +433,7 @@ nginx_start() {
   NGINX_PORT=$(free_port)
   NGX="$WORK/nginx"
   mkdir -p "$NGX"
-  cat >"$NGX/nginx.conf" <<EOF
-worker_processes 1;
-pid nginx.pid;
-error_log error.log warn;
-events {
-    worker_connections 64;
-}
-http {
-    access_log access.log;
-    client_body_temp_path client_body;
-    proxy_temp_path proxy;
-    fastcgi_temp_path fastcgi;
-    uwsgi_temp_path uwsgi;
-    scgi_temp_path scgi;
-
+  nginx_conf "$NGX/nginx.conf" <<EOF
     upstream hello_tls {
         server 127.0.0.1:$P;
         keepalive 8;
@@ -479,7 +465,6 @@ http {
             proxy_ssl_name example.com;
         }
     }
-}
 EOF
   NGINX="http://127.0.0.1:$NGINX_PORT"
   start_nginx "$NGX" "$NGINX/" "GET / to HTTPS (port $NGINX_PORT)"

@@ -11,7 +11,8 @@
  * shutdown finishes every response it owes. The same core carries a user's
  * application (`serve(handler)`, `Deno.serve`'s API, or `--app`), a folder of
  * files (`--root`), HTTPS (`--cert`, `--key`) and WebSockets
- * (`upgradeWebSocket()`, or `Deno.upgradeWebSocket` as it is).
+ * (`upgradeWebSocket()`, or `Deno.upgradeWebSocket` as it is), and compresses
+ * what it sends (brotli or gzip, permessage-deflate) where that helps.
  *
  * Run it (the only permission it needs is the network):
  *
@@ -44,7 +45,7 @@
  *
  * The sections, in order: the pages; options and limits; `serve()`;
  * `handleConnection()`; `parseRequest()`; request bodies; `route()`; the
- * handler; writing responses; files; WebSockets (the handshake,
+ * handler; writing responses (and compression); files; WebSockets (the handshake,
  * permessage-deflate, frames, the sender, the session, the socket); the
  * access log; the command line; the workers.
  *

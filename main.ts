@@ -450,7 +450,7 @@ class ServerState {
   readonly scheme: string;
   /** The application; null for the book's routes. */
   readonly handler: ServeHandler | null;
-  /** Whether to compress (permessage-deflate). */
+  /** Whether to compress responses and WebSocket messages. */
   readonly compression: boolean;
   readonly onError: ((error: unknown) => Response | Promise<Response>) | null;
   #slotFree: (() => void) | null = null;
@@ -2331,7 +2331,7 @@ async function respond(
     return null;
   }
   if (session) {
-    if (response === session.agreed.response || response.status === 101) {
+    if (response === session.agreed.response) {
       try {
         await acceptUpgrade(server, connection, session, response, line, began);
       } catch (error) {
@@ -2959,10 +2959,8 @@ function send(
     let value = field;
     switch (name.toLowerCase()) {
       case "connection":
-        if (/(^|,)[ \t]*close[ \t]*(,|$)/i.test(value)) keepAlive = false;
-        if (/(^|,)[ \t]*upgrade[ \t]*(,|$)/i.test(value)) {
-          upgrade = UPGRADE_OPTION;
-        }
+        if (hasToken(value, "close")) keepAlive = false;
+        if (hasToken(value, "upgrade")) upgrade = UPGRADE_OPTION;
         continue;
       case "content-length":
         declared = value;
@@ -2983,8 +2981,8 @@ function send(
         break;
       case "vary":
         varied = coding !== null;
-        if (coding && !/(^|,)\s*(accept-encoding|\*)\s*(,|$)/i.test(value)) {
-          value += ", Accept-Encoding";
+        if (coding && !hasToken(value, "accept-encoding")) {
+          if (!hasToken(value, "*")) value += ", Accept-Encoding";
         }
     }
     head += `${name}: ${value}\r\n`;
@@ -3324,7 +3322,7 @@ function codingFor(
     status === 206 || headers.has("content-encoding") ||
     headers.has("content-range") ||
     !isCompressible(headers.get("content-type")) ||
-    /(^|,)\s*no-transform\s*(,|$)/i.test(headers.get("cache-control") ?? "")
+    hasToken(headers.get("cache-control"), "no-transform")
   ) return null;
   return preferredCoding(accepted, CODINGS);
 }
@@ -5294,7 +5292,6 @@ export function unmask(
   frame: FrameHead,
   phase: number,
 ): void {
-  const { mask0, mask1, mask2, mask3 } = frame;
   let p = start;
   if (end - p >= WORDWISE) {
     while (((buf.byteOffset + p) & 3) !== 0) {
@@ -5309,10 +5306,7 @@ export function unmask(
     for (let i = 0; i < words; i++) view[i] ^= word;
     p += words * 4;
   }
-  for (; p < end; p++, phase++) {
-    const at = phase & 3;
-    buf[p] ^= at === 0 ? mask0 : at === 1 ? mask1 : at === 2 ? mask2 : mask3;
-  }
+  while (p < end) buf[p++] ^= maskByte(frame, phase++);
 }
 
 /** Below this many bytes, a word view costs more than it saves. */
@@ -5410,39 +5404,27 @@ class WebSocketSender {
     this.#batch!.set(bytes, at);
   }
 
-  /**
-   * A message whose bytes come later (a Blob's): it and every send after it
-   * wait their turn.
-   */
-  later(size: number, bytes: Promise<ArrayBuffer>): void {
-    this.buffered += size;
-    bytes.catch(() => {}); // handled below, in its turn
-    const previous = this.#order ?? Promise.resolve();
-    const turn: Promise<void> = previous.then(() => bytes).then((payload) => {
-      this.buffered -= size;
-      if (!this.closing) this.message(OP_BINARY, new Uint8Array(payload));
-    }, () => {
-      this.buffered -= size;
-    }).finally(() => {
-      if (this.#order === turn) this.#order = null;
-    });
-    this.#order = turn;
-  }
-
   /** A Blob's bytes are awaited: later sends wait their turn behind it. */
   get waiting(): boolean {
     return this.#order !== null;
   }
 
-  /** Runs `send` after the Blobs sent before it. */
-  inTurn(size: number, send: () => void): void {
+  /**
+   * Sends `size` bytes once the sends before it are out: `send` runs then,
+   * or once it resolves, when it waits for its bytes too (a Blob's).
+   */
+  inTurn(size: number, send: (() => void) | Promise<() => void>): void {
     this.buffered += size;
-    const turn: Promise<void> = this.#order!.then(() => {
-      this.buffered -= size;
-      if (!this.closing) send();
-    }).finally(() => {
-      if (this.#order === turn) this.#order = null;
-    });
+    if (send instanceof Promise) send.catch(() => {}); // handled in its turn
+    const turn: Promise<void> = (this.#order ?? SETTLED).then(() => send)
+      .then((now) => {
+        this.buffered -= size;
+        if (!this.closing) now();
+      }, () => {
+        this.buffered -= size;
+      }).finally(() => {
+        if (this.#order === turn) this.#order = null;
+      });
     this.#order = turn;
   }
 
@@ -5846,13 +5828,9 @@ class WebSocketSession {
     if (reason === null) return 1007;
     this.closeCode = code;
     this.closeReason = reason;
-    if (this.readyState === OPEN) this.readyState = CLOSING;
     // §5.5.1: the answer echoes the code (none for none), and, as Deno's
-    // sockets do, the reason.
-    this.sender.close(
-      code === 1005 ? undefined : code,
-      payload.subarray(2).slice(),
-    );
+    // sockets do, the reason; unless it is the answer to ours.
+    this.close(code === 1005 ? undefined : code, payload.subarray(2).slice());
     return 0;
   }
 
@@ -5861,7 +5839,7 @@ class WebSocketSession {
    * client's answer awaited until the close timeout.
    */
   close(code?: number, reason?: Uint8Array): void {
-    if (this.readyState === CLOSING || this.readyState === CLOSED) return;
+    if (this.readyState === CLOSED || this.sender.closing) return;
     this.readyState = CLOSING;
     this.sender.close(code, reason);
     this.connection.deadline = this.server.now + this.settings.closeTimeout;
@@ -5869,12 +5847,11 @@ class WebSocketSession {
 
   /**
    * The server fails the connection (§7.1.7): the close frame with the
-   * code, if none was sent yet; the connection loop then closes.
+   * code, if none was sent yet; the connection then closes.
    */
   fail(code: number, why: string): void {
     this.failure ||= why;
-    if (this.readyState !== CLOSED) this.readyState = CLOSING;
-    this.sender.close(code);
+    this.close(code);
   }
 
   /** The ticker found the deadline passed: ping, or give up on the client. */
@@ -5890,7 +5867,6 @@ class WebSocketSession {
     } else {
       // No answer to the ping: going away (1001), and cut once that is out.
       this.fail(1001, "the client answered no ping");
-      connection.deadline = this.server.now + this.settings.closeTimeout;
       this.sender.drained().then(() => connection.close());
     }
   }
@@ -6131,7 +6107,12 @@ class ServerWebSocket extends EventTarget {
     if (session.readyState !== OPEN || sender.closing) {
       sender.buffered += sizeOf(data);
     } else if (data instanceof Blob) {
-      sender.later(data.size, data.arrayBuffer());
+      sender.inTurn(
+        data.size,
+        data.arrayBuffer().then((bytes) => () =>
+          sender.message(OP_BINARY, new Uint8Array(bytes))
+        ),
+      );
     } else if (sender.waiting) {
       // It waits: its bytes as they are now.
       const now = typeof data === "string" ? data : bytesOf(data).slice();
@@ -6712,6 +6693,9 @@ function onSignal(shutdown: () => void): void {
   shutdowns.push(shutdown);
   if (shutdowns.length > 1) return;
   let first = -1;
+  // One signal may come twice at once: sent to the process and to its group
+  // (GNU timeout does so, and a terminal's Ctrl-C reaches a task runner and
+  // its child). Only a later one means "now".
   const handler = () => {
     const now = performance.now();
     if (first < 0) {
@@ -6720,9 +6704,6 @@ function onSignal(shutdown: () => void): void {
     } else if (now - first > SAME_SIGNAL * 1000) {
       Deno.exit(130);
     }
-    // One signal may come twice at once: sent to the process and to its
-    // group (GNU timeout does so, and a terminal's Ctrl-C reaches a task
-    // runner and its child). Only a later one means "now".
   };
   Deno.addSignalListener("SIGINT", handler);
   if (Deno.build.os !== "windows") Deno.addSignalListener("SIGTERM", handler);

@@ -250,6 +250,20 @@ interopWith(
   },
 );
 
+/** What a reader yields until `marker` has come (null: until its end). */
+async function readUntil(
+  reader: ReadableStreamDefaultReader<string>,
+  marker: string | null,
+): Promise<string> {
+  let text = "";
+  while (marker === null || !text.includes(marker)) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    text += value;
+  }
+  return text;
+}
+
 interopWith(
   stream,
   "deno fetch: a streamed response arrives chunk by chunk",
@@ -261,22 +275,11 @@ interopWith(
       .getReader();
     // The first line must come while the stream waits for our ack; a
     // server that held it back sends it only after the wait, with the rest.
-    let text = "";
-    while (!text.includes("\n")) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      text += value;
-    }
-    assert.equal(text, "tick 1\n", "what came before the ack");
+    const first = await readUntil(reader, "\n");
+    assert.equal(first, "tick 1\n", "what came before the ack");
     const ack = await fetch(new URL(`/ack?id=${id}`, stream));
     assert.equal(await ack.text(), "acknowledged\n");
-    for (
-      let part = await reader.read();
-      !part.done;
-      part = await reader.read()
-    ) {
-      text += part.value;
-    }
+    const text = first + await readUntil(reader, null);
     assert.equal(text, "tick 1\ntick 2 after the ack\n");
   },
 );
@@ -608,26 +611,15 @@ interopWith(
         .getReader();
       // Event 1 must decode while the stream waits for our ack: a
       // compressor that held it back sends it only after the wait.
-      let text = "";
-      while (!text.includes("data: one\n\n")) {
-        const { done, value } = await reader.read();
-        if (done) break;
-        text += value;
-      }
+      const first = await readUntil(reader, "data: one\n\n");
       assert.equal(
-        text,
+        first,
         ": a comment, which clients ignore\n\nid: 1\ndata: one\n\n",
         `${coding}: what came before the ack`,
       );
       const ack = await fetch(new URL(`/ack?id=${id}`, stream));
       assert.equal(await ack.text(), "acknowledged\n");
-      for (
-        let part = await reader.read();
-        !part.done;
-        part = await reader.read()
-      ) {
-        text += part.value;
-      }
+      const text = first + await readUntil(reader, null);
       assert.match(text, /data: two, after the ack\n\n/, coding);
       assert.ok(text.endsWith("event: done\ndata: bye\n\n"), coding);
     }
